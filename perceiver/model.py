@@ -112,6 +112,7 @@ class Perceiver(hk.Module):
         qk_channels=self_qk_channels, v_channels=self_v_channels,
         widening_factor=self_widening_factor)
 
+  @hk.transparent
   def _blocks(self):
     """The R cross-attends and R latent Transformers, shared as configured.
 
