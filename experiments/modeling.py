@@ -3,6 +3,10 @@ followed by a classifier (`config.model_name`, `config.model`).
 
 Each config section is passed 1:1 as keyword arguments to one constructor, so
 a misspelt field fails at construction with the constructor's own error.
+
+Every model is built with `hk.transform_with_state` (see `build_model`): the
+ResNet baselines keep BatchNorm moving statistics as Haiku state; for every
+other model the state is simply empty.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import ml_collections
 import numpy as np
 
 import perceiver
+from perceiver import resnet
+from perceiver import transformer
+from perceiver import vit
 
 PREPROCESSORS: dict[str, Callable[..., hk.Module]] = {
     'image': perceiver.ImagePreprocessor,
@@ -23,11 +30,21 @@ PREPROCESSORS: dict[str, Callable[..., hk.Module]] = {
     'spectrogram': perceiver.SpectrogramPreprocessor,
     'video': perceiver.VideoPreprocessor,
     'points': perceiver.PointCloudPreprocessor,
+    # Inputs of the baselines (perceiver/transformer.py).
+    'downsampled_image': transformer.DownsampledImagePreprocessor,
+    'point_grid': transformer.PointGridPreprocessor,
 }
 
 MODELS: dict[str, Callable[..., hk.Module]] = {
     'perceiver': perceiver.Perceiver,
+    # The baselines of the paper's tables (configs/baselines.py).
+    'resnet': resnet.ResNet,
+    'vit': vit.ViT,
+    'transformer': transformer.Transformer,
 }
+
+# Models whose forward can also return cross-attention maps (paper Fig. 3).
+ATTENTION_MODELS = frozenset({'perceiver'})
 
 
 def _kwargs(section) -> dict[str, Any]:
@@ -48,28 +65,45 @@ def make_preprocessor(name: str, kwargs: dict[str, Any]) -> hk.Module:
   return PREPROCESSORS[name](**kwargs)
 
 
-def build_model(config: ml_collections.ConfigDict) -> hk.Transformed:
-  """The config's model as `hk.transform(forward)`.
+def build_model(config: ml_collections.ConfigDict) -> hk.TransformedWithState:
+  """The config's model as `hk.transform_with_state(forward)`, for every model.
 
-  forward(inputs, *, is_training, return_attention=False) -> logits [B, K]
-  (and the cross-attention logits with return_attention, Perceivers only).
+  Contract (with state, so that BatchNorm works; the Perceiver, ViT and
+  Transformer have an empty state {}):
+
+    params, state = model.init(rng, inputs, is_training=True)
+    logits, state = model.apply(params, state, rng, inputs, is_training=...)
+    (logits, attention), state = model.apply(..., return_attention=True)
+
+  inputs: [B, *config.input_shape] (a dict of such for multimodal inputs).
+  logits: [B, K]. attention: the list of cross-attention logits, each
+  [B, H, N, M]; Perceivers only (`ATTENTION_MODELS`), others raise ValueError.
+  state: BatchNorm moving statistics (ResNets), {} otherwise. In training
+  carry the returned state into the next step; with is_training=False it is
+  returned unchanged. init works with either is_training.
+  rng: may be None, except in training for models with dropout (the ViT with
+  dropout_rate > 0), which draw their dropout masks from it.
   """
   if config.model_name not in MODELS:
     raise ValueError(f'Unknown model_name {config.model_name!r}; known: '
                      f'{sorted(MODELS)}.')
   input_name = config.input_name
   input_kwargs = _kwargs(config.input)
-  model_cls = MODELS[config.model_name]
+  model_name = config.model_name
+  model_cls = MODELS[model_name]
   model_kwargs = _kwargs(config.model)
 
   def forward(inputs, *, is_training: bool, return_attention: bool = False):
     x = make_preprocessor(input_name, input_kwargs)(inputs)
     model = model_cls(**model_kwargs)
     if return_attention:
+      if model_name not in ATTENTION_MODELS:
+        raise ValueError(f'return_attention is only available for '
+                         f'{sorted(ATTENTION_MODELS)}, not {model_name!r}.')
       return model(x, is_training=is_training, return_attention=True)
     return model(x, is_training=is_training)
 
-  return hk.transform(forward)
+  return hk.transform_with_state(forward)
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
@@ -81,11 +115,16 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
   return jax.ShapeDtypeStruct((batch_size,) + tuple(shape), jnp.float32)
 
 
-def param_shapes(config: ml_collections.ConfigDict):
-  """Parameter shapes of the config's model, without computing anything."""
+def variable_shapes(config: ml_collections.ConfigDict):
+  """(params, state) shapes of the config's model, without computing anything."""
   model = build_model(config)
   init = lambda rng, x: model.init(rng, x, is_training=True)
   return jax.eval_shape(init, jax.random.key(0), example_inputs(config))
+
+
+def param_shapes(config: ml_collections.ConfigDict):
+  """Parameter shapes of the config's model, without computing anything."""
+  return variable_shapes(config)[0]
 
 
 def count_params(params) -> int:
