@@ -1,0 +1,181 @@
+r"""The baselines of the paper's tables, on the dataset configs' data and training.
+
+  python -m experiments.train --config=configs/baselines.py:dataset=imagenet,model=resnet50 --workdir=/tmp/resnet50_ff
+
+Paper top-1 targeted (PAPER.md section 4), `dataset=...,model=...`:
+  imagenet   resnet50               ResNet-50 (FF)       73.5 raw / 39.4 permuted (Tables 1, 2)
+             resnet50,ff=false      ResNet-50            77.6 (Table 1)
+             vit_b16                ViT-B-16 (FF)        76.7 raw / 61.7 permuted (Tables 1, 2)
+             vit_b16,ff=false       ViT-B-16             77.9 (Table 1; learned position embedding)
+             transformer            Transformer (64x64)  57.0 raw / 57.0 permuted (Tables 1, 2)
+             perceiver_learned_pos  Perceiver (learned)  70.9 raw / 70.9 permuted (Table 2)
+  modelnet40 resnet50               ResNet-50 (FF)       66.3 (Table 4)
+             vit_b2 / b4 / b8 / b16 ViT-B-k              78.9 / 73.4 / 65.3 / 59.6 (Table 4)
+             transformer            Transformer (44x44)  82.1 (Table 4)
+  fashion_mnist (CPU-scale stand-ins for the image tables; no paper number)
+             resnet_small           the ResNet (FF) baseline of the README's Table-2 miniature
+             vit_small, transformer, perceiver_learned_pos
+
+Config argument (`--config=configs/baselines.py:key=value,...`):
+  dataset    imagenet | modelnet40 | fashion_mnist (the base config).
+  model      one of the names above.
+  permuted   the fixed pixel permutation of Table 2 (image datasets).
+  ff         Fourier features (default); ff=false: raw pixels only (ResNet)
+             or the standard learned position embedding (ViT).
+  runlocal   the base config's laptop-CPU shrink, with a small baseline.
+
+Everything but the input and model sections comes from the dataset's own config
+(configs/<dataset>.py): data, optimizer, schedule, batch size, evaluation.
+
+Choices (the paper gives none of them):
+- Fourier features of the baselines are the Perceiver's (same bands and mu),
+  concatenated per pixel / per point (perceiver/resnet.py, vit.py).
+- ViT: class token, no learned position embedding with FF; dropout 0.1 on
+  ImageNet (Dosovitskiy et al.'s ImageNet-1k recipe), none elsewhere.
+- Transformer: the Perceiver's latent Transformer (6 layers, D = 1024, 8 heads,
+  MLP widening 1) over the 64x64 pixels / 1,936 points; on ImageNet that
+  matches the Perceiver's compute (perceiver/transformer.py). 64 Fourier bands
+  with mu = 64 (the downsampled grid's own Nyquist frequency, 32).
+- Point clouds (ModelNet40): 2,048 points on a 32 x 64 grid for the ResNet /
+  ViT (a ViT-B-k patch = k x k points), 44 x 44 = 1,936 points for the
+  Transformer (perceiver/transformer.py, PointGridPreprocessor).
+- Perceiver (learned pos.): 128 learned channels, init 1.0 and a single
+  cross-attend (PAPER.md section 2), i.e. num_blocks=1 (one cross-attend and
+  one latent Transformer); everything else as the dataset's Perceiver.
+"""
+
+import importlib
+
+from configs import common
+import ml_collections
+
+DATASETS = ('imagenet', 'modelnet40', 'fashion_mnist')
+MODELS = {
+    'imagenet': ('resnet50', 'vit_b16', 'transformer', 'perceiver_learned_pos'),
+    'modelnet40': ('resnet50', 'vit_b2', 'vit_b4', 'vit_b8', 'vit_b16',
+                   'transformer'),
+    'fashion_mnist': ('resnet_small', 'vit_small', 'transformer',
+                      'perceiver_learned_pos'),
+}
+
+RESNET50 = dict(blocks_per_stage=(3, 4, 6, 3),
+                stage_channels=(256, 512, 1024, 2048), bottleneck=True,
+                stem_channels=64, stem_kernel_size=7, stem_stride=2,
+                stem_max_pool=True, bn_decay_rate=0.9, bn_eps=1e-5,
+                zero_init_residual=True)
+# Small-image ResNet: 3x3 stride-1 stem, no max-pool, one basic block per stage.
+RESNET_SMALL = dict(blocks_per_stage=(1, 1, 1), stage_channels=(16, 32, 64),
+                    bottleneck=False, stem_channels=16, stem_kernel_size=3,
+                    stem_stride=1, stem_max_pool=False, bn_decay_rate=0.9,
+                    bn_eps=1e-5, zero_init_residual=True)
+VIT_B = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
+VIT_SMALL = dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
+TRANSFORMER = dict(num_layers=6, num_channels=1024, num_heads=8,
+                   widening_factor=1, remat_layers=False)
+TRANSFORMER_SMALL = dict(num_layers=2, num_channels=64, num_heads=4,
+                         widening_factor=1, remat_layers=False)
+
+
+def _base_config(dataset: str, arg) -> ml_collections.ConfigDict:
+  base = importlib.import_module(f'configs.{dataset}')
+  if dataset == 'modelnet40':
+    if arg.permuted:
+      raise ValueError('permuted applies to image datasets, not modelnet40.')
+    return base.get_config(f'runlocal={arg.runlocal}')
+  return base.get_config(f'runlocal={arg.runlocal},permuted={arg.permuted}')
+
+
+def _image_grid_input(base_input, *, ff: bool) -> dict:
+  """The dataset's own image input, kept as a grid [B, H, W, C + pos]."""
+  image = dict(base_input)
+  image.update(flatten=False,
+               position_encoding='fourier' if ff else 'none')
+  return image
+
+
+def _image_models(config, arg, *, num_classes: int, small: bool):
+  """(input_name, input, model_name, model) of an image-dataset baseline."""
+  image = config.input.to_dict()
+  model = arg.model
+  if model in ('resnet50', 'resnet_small'):
+    return ('image', _image_grid_input(image, ff=arg.ff), 'resnet',
+            dict(num_classes=num_classes,
+                 **(RESNET_SMALL if small or model == 'resnet_small'
+                    else RESNET50)))
+  if model in ('vit_b16', 'vit_small'):
+    vit = dict(VIT_SMALL, patch_size=4) if small else dict(VIT_B, patch_size=16)
+    # ViT-B/16's ImageNet-1k dropout; none for the CPU-scale models.
+    vit.update(num_classes=num_classes, learned_position_embedding=not arg.ff,
+               dropout_rate=0.0 if small else 0.1)
+    return 'image', _image_grid_input(image, ff=arg.ff), 'vit', vit
+  if model == 'transformer':
+    h, w = config.input_shape[:2]
+    # 224 -> 64 on ImageNet; CPU scale: half the side (28 -> 14 on
+    # Fashion-MNIST, 32 -> 16 for imagenet runlocal).
+    resolution = (h // 2, w // 2) if small else (64, 64)
+    downsampled = dict(
+        resolution=resolution, input_channels=image['input_channels'],
+        position_encoding='fourier' if arg.ff else 'none',
+        num_bands=image['num_bands'] if small else 64,
+        max_resolution=resolution,
+        learned_channels=image['learned_channels'],
+        learned_init_scale=image['learned_init_scale'],
+        permutation_seed=image['permutation_seed'])
+    return ('downsampled_image', downsampled, 'transformer',
+            dict(num_classes=num_classes,
+                 **(TRANSFORMER_SMALL if small else TRANSFORMER)))
+  if model == 'perceiver_learned_pos':
+    if not arg.ff:
+      raise ValueError('perceiver_learned_pos has no Fourier features to drop.')
+    image.update(position_encoding='learned')
+    if not small:
+      image.update(learned_channels=128, learned_init_scale=1.0)
+    perceiver = config.model.to_dict()
+    perceiver.update(num_blocks=1)  # a single cross-attend (paper Table 2)
+    return 'image', image, 'perceiver', perceiver
+  raise AssertionError(model)
+
+
+def _point_models(config, arg, *, small: bool):
+  """(input_name, input, model_name, model) of a ModelNet40 baseline."""
+  points = config.input.to_dict()
+  num_points = config.input_shape[0]
+  if not arg.ff:
+    raise ValueError('ff=false has no meaning for point clouds (xyz are the '
+                     'positions).')
+  if arg.model == 'transformer':
+    grid = (16, 16) if small else (44, 44)
+    return ('point_grid', dict(points, grid_shape=grid, flatten=True),
+            'transformer',
+            dict(num_classes=40, **(TRANSFORMER_SMALL if small else TRANSFORMER)))
+  grid = (16, num_points // 16) if small else (32, num_points // 32)
+  inputs = dict(points, grid_shape=grid, flatten=False)
+  if arg.model == 'resnet50':
+    return ('point_grid', inputs, 'resnet',
+            dict(num_classes=40, **(RESNET_SMALL if small else RESNET50)))
+  patch = int(arg.model[len('vit_b'):])
+  vit = dict(VIT_SMALL if small else VIT_B, patch_size=min(patch, grid[0]),
+             num_classes=40, dropout_rate=0.0, learned_position_embedding=False)
+  return 'point_grid', inputs, 'vit', vit
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, dataset='imagenet', model='resnet50',
+                         permuted=False, ff=True, runlocal=False)
+  if arg.dataset not in DATASETS:
+    raise ValueError(f'Unknown dataset {arg.dataset!r}; known: {DATASETS}.')
+  if arg.model not in MODELS[arg.dataset]:
+    raise ValueError(f'Unknown model {arg.model!r} for {arg.dataset}; known: '
+                     f'{MODELS[arg.dataset]}.')
+  config = _base_config(arg.dataset, arg)
+  # CPU-scale models: Fashion-MNIST always, the others with runlocal.
+  small = arg.runlocal or arg.dataset == 'fashion_mnist'
+  if arg.dataset == 'modelnet40':
+    parts = _point_models(config, arg, small=small)
+  else:
+    parts = _image_models(config, arg, num_classes=config.model.num_classes,
+                          small=small)
+  config.input_name, input_section, config.model_name, model_section = parts
+  config.input = input_section
+  config.model = model_section
+  return config
