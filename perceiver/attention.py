@@ -152,10 +152,12 @@ class CrossAttention(hk.Module):
       if return_logits:
         raise ValueError('return_logits is not available with chunk_size set: '
                          'the chunked path never holds the full logits.')
-      # Parameters must exist before the scan traces its body.
       project = functools.partial(_chunk_kv, input_norm, key_layer,
                                   value_layer, h)
-      out = chunked_attend(q, inputs, project, chunk_size=self._chunk_size)
+      if hk.running_init():
+        project(inputs[:, :1])  # create the parameters outside the scan
+      out = chunked_attend(q, inputs, project, chunk_size=self._chunk_size,
+                           v_channels=v_channels // h)
       logits = None
 
     b, n = out.shape[:2]
@@ -172,7 +174,7 @@ def _chunk_kv(input_norm, key_layer, value_layer, num_heads, x):
 
 
 def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
-                   chunk_size: int) -> jax.Array:
+                   chunk_size: int, v_channels: int) -> jax.Array:
   """Attention over the byte array in chunks, with an online softmax.
 
   K and V are projected chunk by chunk inside a rematerialised scan body, so
@@ -185,6 +187,7 @@ def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
       and the padding is excluded from the softmax.
     project: maps a [B, m, C] chunk to (k [B, m, H, Q], v [B, m, H, V]).
     chunk_size: inputs per chunk.
+    v_channels: V, the per-head value width `project` gives.
 
   Returns:
     [B, N, H, V], equal to `attend(q, k, v)` to float tolerance.
@@ -197,7 +200,6 @@ def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
   valid = (jnp.arange(num_chunks * chunk_size) < m).reshape(
       num_chunks, chunk_size)  # [S, m]
   n, h = q.shape[1], q.shape[2]
-  v_width = jax.eval_shape(project, x[0])[1].shape[-1]
 
   def body(carry, chunk):
     running_max, denom, acc = carry  # [B, H, N], [B, H, N], [B, N, H, V]
@@ -215,7 +217,7 @@ def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
 
   init = (jnp.full((b, h, n), -jnp.inf, jnp.float32),
           jnp.zeros((b, h, n), jnp.float32),
-          jnp.zeros((b, n, h, v_width), jnp.float32))
+          jnp.zeros((b, n, h, v_channels), jnp.float32))
   body = hk.remat(body)
   (_, denom, acc), _ = hk.scan(body, init, (x, valid))
   out = acc / denom.transpose(0, 2, 1)[..., None]  # [B, N, H, V]
