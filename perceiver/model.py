@@ -3,11 +3,16 @@
 Shapes:
   B  batch            M  inputs            C  input channels
   N  latents          D  latent channels   H  heads
-  K  classes          R  cross-attends (blocks)   L  self-attends per block
+  K  classes          R  blocks (latent Transformer applications)
+  L  self-attends per block          X  cross-attends (X <= R, default R)
 
     z0 = learned latents [N, D]   (truncated normal, std 0.02, cut at 2 std)
     for i in 1..R:  z = CrossAttend_i(z, x);  z = LatentTransformer_i(z)
     logits = Linear_K(mean_N(z))
+
+With X < R cross-attends, 'interleaved' puts them before evenly spaced blocks
+(block floor(j R / X) for j < X) and 'start' puts all X before the first
+block: the paper's Table 6 varies X with the latent Transformer fixed.
 
 Weight sharing (paper v2): CrossAttend_1 has its own weights, CrossAttend_2..R
 share one set, and one latent Transformer is shared by all R blocks. With
@@ -50,6 +55,7 @@ class Perceiver(hk.Module):
   def __init__(self, *, num_classes: int, num_latents: int = 512,
                latent_channels: int = 1024, num_blocks: int = 8,
                num_self_attends_per_block: int = 6,
+               num_cross_attends: int | None = None,
                num_cross_heads: int = 1, num_self_heads: int = 8,
                cross_qk_channels: int | None = None,
                cross_v_channels: int | None = None,
@@ -67,9 +73,12 @@ class Perceiver(hk.Module):
       num_classes: K.
       num_latents: N (512 in the paper).
       latent_channels: D (1024 in the paper).
-      num_blocks: R, the number of cross-attends (8 on ImageNet).
+      num_blocks: R, the number of latent Transformer applications (8 on
+        ImageNet).
       num_self_attends_per_block: L (6 on ImageNet); 0 gives a stack of
         cross-attends only (paper Table 5).
+      num_cross_attends: X, the number of cross-attends, 1 <= X <= R;
+        None = R (the paper's main model: one before every block).
       num_cross_heads: heads of each cross-attend (1).
       num_self_heads: heads of each latent self-attention (8).
       cross_qk_channels: cross-attend Q/K width; None = min(C, D).
@@ -78,9 +87,9 @@ class Perceiver(hk.Module):
       self_v_channels: self-attention V width; None = its Q/K width.
       cross_widening_factor: MLP widening after cross-attends (1).
       self_widening_factor: MLP widening after self-attends (1).
-      cross_attend_arrangement: 'interleaved' (one cross-attend before each
-        latent Transformer) or 'start' (all R cross-attends first, then the R
-        latent Transformers).
+      cross_attend_arrangement: 'interleaved' (cross-attends before evenly
+        spaced latent Transformers; with X = R one before each) or 'start'
+        (all X cross-attends first, then the R latent Transformers).
       share_weights: the paper's sharing scheme (True) or none at all.
       latent_init_scale: std of the latents' truncated-normal init.
       cross_attend_chunk_size: attend over the inputs in chunks of this size
@@ -95,6 +104,11 @@ class Perceiver(hk.Module):
                        f'got {cross_attend_arrangement!r}.')
     if num_blocks < 1:
       raise ValueError(f'num_blocks must be >= 1, got {num_blocks}.')
+    num_cross_attends = num_cross_attends or num_blocks
+    if not 1 <= num_cross_attends <= num_blocks:
+      raise ValueError(f'num_cross_attends must be in [1, num_blocks='
+                       f'{num_blocks}], got {num_cross_attends}.')
+    self._num_cross_attends = num_cross_attends
     self._num_classes = num_classes
     self._num_latents = num_latents
     self._latent_channels = latent_channels
@@ -114,23 +128,23 @@ class Perceiver(hk.Module):
 
   @hk.transparent
   def _blocks(self):
-    """The R cross-attends and R latent Transformers, shared as configured.
+    """The X cross-attends and R latent Transformers, shared as configured.
 
     Haiku shares weights between calls of one module instance, so sharing is
     building a module once and putting it in several slots of the lists.
     """
-    r = self._num_blocks
+    r, x = self._num_blocks, self._num_cross_attends
     cross = lambda name: attention.CrossAttention(**self._cross_kwargs,
                                                   name=name)
     latent = lambda name: LatentTransformer(**self._latent_kwargs, name=name)
     if self._share_weights:
       first = cross('cross_attend_first')
       crosses = [first]
-      if r > 1:
-        crosses += [cross('cross_attend_shared')] * (r - 1)  # one set, R-1 calls
+      if x > 1:
+        crosses += [cross('cross_attend_shared')] * (x - 1)  # one set, X-1 calls
       transformers = [latent('latent_transformer')] * r  # one set, R calls
     else:
-      crosses = [cross(f'cross_attend_{i}') for i in range(r)]
+      crosses = [cross(f'cross_attend_{i}') for i in range(x)]
       transformers = [latent(f'latent_transformer_{i}') for i in range(r)]
     return crosses, transformers
 
@@ -141,8 +155,8 @@ class Perceiver(hk.Module):
     Args:
       inputs: [B, M, C] byte array.
       is_training: unused (no dropout in paper v2); kept for a uniform API.
-      return_attention: also return the list of R pre-softmax cross-attention
-        logits, each [B, 1, N, M] (paper Fig. 3).
+      return_attention: also return the list of X pre-softmax cross-attention
+        logits, each [B, H, N, M] (paper Fig. 3).
 
     Returns:
       logits [B, K] (and the list of cross-attention logits if asked for).
@@ -170,13 +184,17 @@ class Perceiver(hk.Module):
         return z
       return crosses[i](z, inputs)  # [B, N, D]
 
+    r, x = self._num_blocks, self._num_cross_attends
     if self._arrangement == 'interleaved':
-      for i in range(self._num_blocks):
-        z = transformers[i](cross_attend(i, z))  # [B, N, D]
+      before = {j * r // x: j for j in range(x)}  # block -> cross-attend index
+      for i in range(r):
+        if i in before:
+          z = cross_attend(before[i], z)  # [B, N, D]
+        z = transformers[i](z)  # [B, N, D]
     else:
-      for i in range(self._num_blocks):
-        z = cross_attend(i, z)  # [B, N, D]
-      for i in range(self._num_blocks):
+      for j in range(x):
+        z = cross_attend(j, z)  # [B, N, D]
+      for i in range(r):
         z = transformers[i](z)  # [B, N, D]
 
     pooled = jnp.mean(z, axis=1)  # [B, D]

@@ -218,3 +218,24 @@ def test_forward_pass_jitted_on_eight_cpu_devices():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('ok')
+
+
+def test_fewer_cross_attends_than_blocks():
+  x = jax.random.normal(jax.random.key(8), (1, 12, 6))
+  f1, p1 = _perceiver(x, num_blocks=4, num_cross_attends=1,
+                      return_attention=True)
+  assert len(f1.apply(p1, None, x)[1]) == 1
+  assert not any('cross_attend_shared' in k for k in p1)
+  f2, p2 = _perceiver(x, num_blocks=4, num_cross_attends=2,
+                      return_attention=True)
+  assert len(f2.apply(p2, None, x)[1]) == 2
+  # Latent Transformer shared: same parameter count as 4 cross-attends.
+  _, p4 = _perceiver(x, num_blocks=4)
+  assert _num_params(p2) == _num_params(p4)
+  # One cross-attend: interleaved and at the start are the same model.
+  fs, _ = _perceiver(x, num_blocks=4, num_cross_attends=1,
+                     cross_attend_arrangement='start')
+  np.testing.assert_allclose(fs.apply(p1, None, x), f1.apply(p1, None, x)[0],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='num_cross_attends'):
+    _perceiver(x, num_blocks=2, num_cross_attends=3)
