@@ -5,15 +5,22 @@ for ImageNet (the README's main job; raw vs permuted pixels as in paper Table 2)
   python -m experiments.train --config=configs/fashion_mnist.py:permuted --workdir=/tmp/fmnist_perm
 
 Config argument: permuted (the fixed pixel permutation, applied after the
-position features are attached), runlocal (fewer steps, for smoke tests).
+position features are attached), runlocal (fewer steps, for smoke tests),
+synthetic (made-up data of the same shapes: experiments/data/synthetic.py).
+Training is CPU-scale; nothing here is from the paper, so every choice below
+is marked chosen.
+
+Sweeps (python -m launch.sweep --config=configs/fashion_mnist.py --sweep=lr):
+sweep_lr, sweep_position_encoding.
 """
 
 from configs import common
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, permuted=False)
+  arg = common.parse_arg(arg, runlocal=False, permuted=False, synthetic=False)
   config = ml_collections.ConfigDict()
   config.dataset = 'fashion_mnist'
   config.input_shape = (28, 28, 1)
@@ -43,4 +50,59 @@ def get_config(arg=None):
       cross_attend_chunk_size=None,
       remat_latent_blocks=False,
   )
+  _training(config, arg)
   return config
+
+
+def _training(config, arg):
+  """Data, optimizer, schedule, evaluation and cadence (all chosen)."""
+  config.seed = 0
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.data = dict(
+      data_dir=config_dict.placeholder(str),  # prepared TFDS data, if any
+      manual_dir=config_dict.placeholder(str),  # None: the module's default
+      augment=True,  # chosen: 2-pixel shifts and flips
+      num_train_examples=config_dict.placeholder(int),
+  )
+  config.batch_size = 128  # chosen
+  config.eval_batch_size = 500
+  config.num_train_steps = config_dict.placeholder(int)
+  config.num_epochs = 10.0  # chosen: CPU-scale
+  config.loss = 'softmax'
+  config.label_smoothing = 0.1  # chosen
+  config.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
+  config.optimizer = dict(lr=2e-3, b1=0.9, b2=0.999, eps=1e-6,  # chosen
+                          weight_decay=0.01, clip_grad_norm=10.0)  # chosen
+  config.schedule = dict(kind='cosine', warmup=0.5, boundaries=(),  # chosen
+                         decay_factor=0.1, unit='epochs')
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  if arg.runlocal:
+    config.data.num_train_examples = 512
+    config.batch_size = 32
+    config.eval_batch_size = 200
+    config.num_epochs = None
+    config.num_train_steps = 40
+    config.schedule.update(warmup=4, unit='steps')
+    config.log_every_steps = 10
+    config.eval_every_steps = 20
+    config.checkpoint_every_steps = 20
+  if arg.synthetic:
+    config.dataset = 'synthetic'
+    config.data = dict(data_dir=config_dict.placeholder(str),
+                       input_shape=config.input_shape,
+                       num_classes=config.model.num_classes,
+                       num_train_examples=512, num_eval_examples=100)
+
+
+def sweep_lr():
+  for lr in (1e-3, 2e-3, 4e-3):
+    yield {'optimizer.lr': lr}
+
+
+def sweep_position_encoding():
+  for kind in ('fourier', 'learned'):
+    yield {'input.position_encoding': kind}

@@ -1,0 +1,107 @@
+"""Scalars to three places: the log, TensorBoard event files and a JSONL file.
+
+Only process 0 writes files (`enabled=False` elsewhere). Files in the workdir:
+  metrics.jsonl      one JSON object per write: {"step": s, name: value, ...}
+  tensorboard/       TensorBoard event files (tf.summary), one scalar per name
+TensorFlow is imported only by process 0, when it opens the event file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+from absl import logging
+
+JSONL_NAME = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def _plain(value):
+  value = float(value) if not isinstance(value, (int, str)) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep them readable.
+  return value
+
+
+class MetricWriter:
+  """Writes dicts of scalars against a step."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               tensorboard: bool = True):
+    self._enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, JSONL_NAME), 'a')
+    if tensorboard:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      # The runner is JAX's: keep TensorFlow off any accelerator.
+      tf.config.set_visible_devices([], 'GPU')
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      # tf.summary.scalar lives in the tensorboard package, which
+      # tensorflow-cpu does not bring; tf.summary.write with the scalars
+      # plugin's metadata writes the same event.
+      self._scalar_metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(
+              plugin_name='scalars')).SerializeToString()
+      self._tb = tf.summary.create_file_writer(
+          os.path.join(workdir, TENSORBOARD_DIR))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    record = {'step': int(step)}
+    record.update({k: _plain(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      with self._tb.as_default():
+        for name, value in scalars.items():
+          self._tf.summary.write(
+              name, self._tf.constant(float(value), self._tf.float32),
+              step=int(step), metadata=self._scalar_metadata)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def format_duration(seconds: float) -> str:
+  """'1h02m', '3m05s', '42s'."""
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
+
+
+def progress_line(step: int, total_steps: int,
+                  scalars: Mapping[str, float]) -> str:
+  """The line logged every log_every_steps steps."""
+  return (f'step {step}/{total_steps}  loss {scalars["loss"]:.4f}  '
+          f'lr {scalars["lr"]:.3g}  '
+          f'examples/s {scalars["examples_per_sec"]:.1f}  '
+          f'steps/s {scalars["steps_per_sec"]:.3f}  '
+          f'time left {format_duration(scalars["seconds_left"])}')
+
+
+def log_scalars(prefix: str, step: int, scalars: Mapping[str, float]) -> None:
+  text = '  '.join(f'{k} {v:.5g}' if isinstance(v, float) else f'{k} {v}'
+                   for k, v in scalars.items())
+  logging.info('%s step %d: %s', prefix, step, text)

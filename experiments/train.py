@@ -1,0 +1,388 @@
+r"""One training runner for every experiment, driven by a config file.
+
+  python -m experiments.train --config=configs/modelnet40.py:runlocal \
+      --config.optimizer.lr=3e-4 --workdir=/tmp/mn40
+
+Multi-host: one process per host (or per GPU) with
+  --coordinator_address=HOST:PORT --num_processes=P --process_id=I
+(or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+environment variables); on Cloud TPU VMs the processes find each other
+automatically.
+
+Composition: mesh -> data -> model -> optimizer -> state -> restore-or-init ->
+loop -> evaluate. Files in the workdir: config.json (the resolved config),
+checkpoints/ (orbax), metrics.jsonl and tensorboard/ (process 0).
+Rerunning the same command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from experiments import checkpointing
+from experiments import flops as flops_lib
+from experiments import metric_writers
+from experiments import metrics as metrics_lib
+from experiments import modeling
+from experiments import optimizers
+from experiments import parallel
+from experiments import steps as steps_lib
+
+TrainState = steps_lib.TrainState
+
+
+class ConfigError(ValueError):
+  """A config or command-line mistake, found before anything compiles."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or inf."""
+
+
+# ---------------------------------------------------------------- setup ----
+
+
+def dataset_module(config: ml_collections.ConfigDict):
+  """experiments.data.<config.dataset>, imported on demand."""
+  try:
+    return importlib.import_module(f'experiments.data.{config.dataset}')
+  except ModuleNotFoundError as e:
+    if e.name != f'experiments.data.{config.dataset}':
+      raise
+    known = sorted(os.path.basename(p)[:-3] for p in glob.glob(
+        os.path.join(os.path.dirname(__file__), 'data', '[a-z]*.py')))
+    raise ConfigError(f'Unknown dataset {config.dataset!r}: no module '
+                      f'experiments/data/{config.dataset}.py (known: '
+                      f'{known}).') from None
+
+
+def check_data_dirs(config: ml_collections.ConfigDict) -> None:
+  """Every config.data.*_dir that is set must be an existing directory."""
+  for key, value in config.data.items():
+    if key.endswith('_dir') and value is not None:
+      if not os.path.isdir(value):
+        raise ConfigError(f'config.data.{key}={value!r} is not an existing '
+                          'directory.')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks that need no devices: durations, data dirs, dataset module."""
+  if (config.num_train_steps is None) == (config.num_epochs is None):
+    raise ConfigError('Set exactly one of config.num_train_steps and '
+                      f'config.num_epochs (got {config.num_train_steps} and '
+                      f'{config.num_epochs}).')
+  for key in ('log_every_steps', 'checkpoint_every_steps'):
+    if config[key] <= 0:
+      raise ConfigError(f'config.{key}={config[key]} must be positive.')
+  check_data_dirs(config)
+  dataset_module(config)
+
+
+def batch_sizes(config, mesh) -> tuple[int, int]:
+  """Per-process (train, eval) batch sizes; ConfigError if they don't
+  divide over the devices and processes."""
+  try:
+    return (parallel.check_batch_size(config.batch_size, mesh,
+                                      jax.process_count(), 'batch_size'),
+            parallel.check_batch_size(config.eval_batch_size, mesh,
+                                      jax.process_count(), 'eval_batch_size'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def steps_per_epoch_fn(config, dataset) -> Callable[[], float]:
+  """Steps in one epoch of the training split (asks the dataset lazily)."""
+  def steps_per_epoch() -> float:
+    num = dataset.num_examples(config.train_split, **config.data.to_dict())
+    return num / config.batch_size
+  return steps_per_epoch
+
+
+def num_train_steps(config, dataset) -> int:
+  if config.num_train_steps is not None:
+    return int(config.num_train_steps)
+  return optimizers.to_steps(config.num_epochs, 'epochs',
+                             steps_per_epoch_fn(config, dataset))
+
+
+def static_facts(config, model, params) -> dict[str, float]:
+  """Parameter count and forward FLOPs per example (paper's counting),
+  computed once on the host from shapes."""
+  inputs = modeling.example_inputs(config, batch_size=1)
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                          params)
+  forward = lambda p, x: model.apply(p, {}, None, x, is_training=False)[0]
+  fwd_flops, _ = flops_lib.count_flops(forward, abstract, inputs)
+  return {'num_params': modeling.count_params(params),
+          'gflops_per_example_forward': fwd_flops / 1e9,
+          'num_devices': jax.device_count(),
+          'num_processes': jax.process_count()}
+
+
+def restore_or_init(config, model, optimizer, mesh,
+                    checkpointer: checkpointing.Checkpointer) -> TrainState:
+  """The latest checkpoint of the workdir if there is one, else a fresh
+  state."""
+  step = checkpointer.latest_step()
+  if step is None:
+    logging.info('No checkpoint in %s: initialising from seed %d.',
+                 checkpointer.directory, config.seed)
+    return steps_lib.create_train_state(config, model, optimizer, mesh)
+  logging.info('Resuming from the checkpoint of step %d in %s.', step,
+               checkpointer.directory)
+  abstract = steps_lib.abstract_train_state(config, model, optimizer, mesh)
+  restored = checkpointer.restore(abstract._asdict(), step)
+  return TrainState(**restored)
+
+
+# ----------------------------------------------------------- evaluation ----
+
+
+def evaluate(config, state: TrainState, eval_step, dataset, mesh, *,
+             split: Optional[str] = None) -> dict[str, float]:
+  """Metrics over the whole evaluation split, each example counted once:
+  top1, top5, loss, num_examples, and map for multi-label data."""
+  split = split or config.eval_split
+  _, eval_batch = batch_sizes(config, mesh)
+  batches = dataset.load(split, batch_size=eval_batch, is_training=False,
+                         seed=config.seed, process_index=jax.process_index(),
+                         process_count=jax.process_count(),
+                         **config.data.to_dict())
+  sums, scores, labels = None, [], []
+  for local_batch in batches:
+    out = eval_step(state.params, state.state,
+                    parallel.global_batch(local_batch, mesh))
+    sums = out['sums'] if sums is None else jax.tree.map(
+        lambda a, b: a + b, sums, out['sums'])
+    if 'scores' in out:
+      keep = parallel.fetch(out['mask'])
+      scores.append(parallel.fetch(out['scores'])[keep])
+      labels.append(parallel.fetch(out['labels'])[keep])
+  if sums is None:
+    raise ValueError(f'Evaluation split {split!r} yielded no batches.')
+  result = metrics_lib.finalize(parallel.fetch(sums))
+  if scores:
+    result['map'] = metrics_lib.mean_average_precision(
+        np.concatenate(scores), np.concatenate(labels))
+  return result
+
+
+# ----------------------------------------------------------------- loop ----
+
+
+def train_loop(config, state: TrainState, train_step, batches: Iterator,
+               mesh, *, total_steps: int, schedule,
+               checkpointer: checkpointing.Checkpointer,
+               writer: metric_writers.MetricWriter,
+               stop: checkpointing.StopRequest,
+               evaluate_fn: Callable[[TrainState], dict[str, float]],
+               ) -> TrainState:
+  """Runs steps until total_steps or a stop request; logs, evaluates and
+  checkpoints on the configured cadence. Metrics leave the device only when
+  they are logged or a checkpoint is due (the finite-loss check)."""
+  step = int(parallel.fetch(state.step))
+  last_saved = checkpointer.latest_step()
+  sums = steps_lib.zero_metrics(mesh)
+  tick, tick_step = time.time(), step
+  while step < total_steps:
+    state, sums = train_step(state, sums,
+                             parallel.global_batch(next(batches), mesh))
+    step += 1
+    stopping = stop.should_stop(step)
+    last = step == total_steps
+    log_due = step % config.log_every_steps == 0 or last or stopping
+    save_due = step % config.checkpoint_every_steps == 0 or last or stopping
+    eval_due = (config.eval_every_steps and
+                step % config.eval_every_steps == 0 and not last)
+    if not (log_due or save_due or eval_due):
+      continue
+    host = parallel.fetch(sums)
+    if host['nonfinite'] > 0:
+      raise NonFiniteLossError(
+          f'Loss or gradient became NaN/inf between steps '
+          f'{step - int(host["steps"]) + 1} and {step}; stopped. Last good '
+          f'checkpoint: step {last_saved} in {checkpointer.directory}.')
+    if log_due and host['steps']:
+      now = time.time()
+      steps_per_sec = (step - tick_step) / max(now - tick, 1e-9)
+      scalars = {
+          'loss': host['loss'] / host['steps'],
+          'grad_norm': host['grad_norm'] / host['steps'],
+          'lr': float(schedule(step - 1)),
+          'steps_per_sec': steps_per_sec,
+          'examples_per_sec': steps_per_sec * config.batch_size,
+          'seconds_left': (total_steps - step) / max(steps_per_sec, 1e-9),
+      }
+      logging.info(metric_writers.progress_line(step, total_steps, scalars))
+      writer.write_scalars(step, scalars)
+      sums = steps_lib.zero_metrics(mesh)
+      tick, tick_step = now, step
+    if save_due:
+      checkpointer.save(step, state._asdict())
+      last_saved = step
+    if eval_due:
+      eval_start = time.time()
+      result = evaluate_fn(state)
+      metric_writers.log_scalars('eval', step, result)
+      writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+      tick += time.time() - eval_start  # Speeds count training time only.
+    if stopping:
+      break
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       mesh=None) -> dict[str, Any]:
+  """Trains (resuming from workdir) and evaluates; returns the final
+  evaluation metrics, or {'stopped_at': step, 'signal': n} when a stop
+  request ended the run early."""
+  check_config(config)
+  mesh = mesh or parallel.make_mesh()
+  train_batch, _ = batch_sizes(config, mesh)
+  dataset = dataset_module(config)
+  total_steps = num_train_steps(config, dataset)
+  model = steps_lib.build_model(config)
+  optimizer, schedule = optimizers.from_config(
+      config, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch_fn(config, dataset))
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      max_to_keep=config.keep_checkpoints)
+  state = restore_or_init(config, model, optimizer, mesh, checkpointer)
+  writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+  start = int(parallel.fetch(state.step))
+  facts = static_facts(config, model, state.params)
+  facts.update(total_steps=total_steps, global_batch_size=config.batch_size)
+  metric_writers.log_scalars('static', start, facts)
+  writer.write_scalars(start, facts)
+
+  eval_step = steps_lib.make_eval_step(config, model, mesh)
+  evaluate_fn = lambda s: evaluate(config, s, eval_step, dataset, mesh)
+  batches = dataset.load(config.train_split, batch_size=train_batch,
+                         is_training=True, seed=config.seed, start_step=start,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count(),
+                         **config.data.to_dict())
+  stop = checkpointing.StopRequest(multi_process=jax.process_count() > 1)
+  try:
+    state = train_loop(
+        config, state, steps_lib.make_train_step(config, model, optimizer,
+                                                 mesh),
+        batches, mesh, total_steps=total_steps, schedule=schedule,
+        checkpointer=checkpointer, writer=writer, stop=stop,
+        evaluate_fn=evaluate_fn)
+    checkpointer.wait()
+    step = int(parallel.fetch(state.step))
+    if stop.signum is not None and step < total_steps:
+      logging.warning('Stopped by signal %d at step %d; checkpoint saved. '
+                      'Run the same command to resume.', stop.signum, step)
+      return {'stopped_at': step, 'signal': stop.signum}
+    result = evaluate_fn(state)
+    metric_writers.log_scalars('final eval', step, result)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+    if is_chief:
+      with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+        json.dump(dict(result, step=step), f, indent=2)
+    return result
+  finally:
+    stop.restore_handlers()
+    checkpointer.close()
+    writer.close()
+
+
+# ----------------------------------------------------------------- main ----
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config: configs/NAME.py[:ARG].',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for the config, checkpoints and metrics.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process: HOST:PORT of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Multi-process: index of this process.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'true', 'false'],
+    'jax.distributed.initialize: auto = when a coordinator is given or on a '
+    'Cloud TPU VM; true = always (cluster auto-detection, e.g. SLURM).')
+
+
+def _fail(message: str, code: int = 2):
+  """One line on stderr, then exit."""
+  print(f'experiments.train: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with flag/override errors on one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).strip().splitlines()[0])
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
+    # config_flags raises these for a bad config file or override.
+    _fail(f'{type(e).__name__}: {str(e).strip().splitlines()[0]}')
+
+
+def _on_cloud_tpu_vm() -> bool:
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def _quiet_orbax() -> None:
+  """Drops orbax's INFO chatter (several lines per checkpoint) from the log."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno > logging.converter.STANDARD_INFO or
+      f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
+def main(argv):
+  _quiet_orbax()
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None:
+    _fail('--config is required (e.g. --config=configs/modelnet40.py).')
+  if not workdir:
+    _fail('--workdir is required.')
+  try:
+    check_config(config)
+  except ConfigError as e:
+    _fail(str(e))
+  mode = _DISTRIBUTED.value
+  if mode != 'false':
+    parallel.initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        auto=mode == 'true' or (mode == 'auto' and _on_cloud_tpu_vm()))
+  try:
+    result = train_and_evaluate(config, workdir)
+  except ConfigError as e:
+    _fail(str(e))
+  except NonFiniteLossError as e:
+    _fail(str(e), code=1)
+  if 'signal' in result:
+    sys.exit(128 + result['signal'])
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
