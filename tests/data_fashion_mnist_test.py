@@ -234,6 +234,9 @@ def test_reads_tfds_prepared_data(tmp_path, manual_dir, monkeypatch):
 def test_real_debian_files():
   fashion_mnist._arrays.cache_clear()
   assert fashion_mnist.num_examples('train') == 60_000
+  # The runner's config passes explicit Nones: the defaults apply.
+  assert fashion_mnist.num_examples('train', data_dir=None,
+                                    manual_dir=None, augment=True) == 60_000
   assert fashion_mnist.num_examples('test') == 10_000
   images, labels = fashion_mnist._arrays('train', None, _REAL_DIR)
   np.testing.assert_array_equal(np.bincount(labels), [6000] * 10)

@@ -156,7 +156,7 @@ def _video_train(frames, key, image_size):
                   tf.concat([[-1], size], 0))
   video = tf.image.resize(crop, [image_size, image_size]) / 255.
   flip = tf.random.stateless_uniform([], keys[1]) < 0.5
-  video = tf.where(flip, video[:, :, ::-1], video)
+  video = tf.cond(flip, lambda: tf.reverse(video, [2]), lambda: video)
   uniform = lambda k, lo, hi: tf.random.stateless_uniform([], k, lo, hi)
   video = tf.image.adjust_brightness(video, uniform(keys[2], -32 / 255,
                                                     32 / 255))

@@ -150,14 +150,14 @@ def _arrays(split: str, data_dir: Optional[str],
 
 
 def _data(split, data_dir, manual_dir, num_train_examples):
-  images, labels = _arrays(split, data_dir, manual_dir)
+  images, labels = _arrays(split, data_dir, manual_dir or DEFAULT_MANUAL_DIR)
   if num_train_examples is not None and split == 'train':
     images, labels = images[:num_train_examples], labels[:num_train_examples]
   return {'image': images, 'label': labels}
 
 
 def num_examples(split: str, *, data_dir: Optional[str] = None,
-                 manual_dir: str = DEFAULT_MANUAL_DIR,
+                 manual_dir: Optional[str] = None,
                  num_train_examples: Optional[int] = None, **unused) -> int:
   """Examples in `split` of the data that `load` would read."""
   del unused
@@ -183,7 +183,7 @@ def _transform(batch, rng):
 def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
          start_step: int = 0, process_index: int = 0, process_count: int = 1,
          data_dir: Optional[str] = None,
-         manual_dir: str = DEFAULT_MANUAL_DIR, augment: bool = False,
+         manual_dir: Optional[str] = None, augment: bool = False,
          num_train_examples: Optional[int] = None
          ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of Fashion-MNIST; see the module docstring.
@@ -191,7 +191,7 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
   Args:
     split: 'train' or 'test'.
     manual_dir: directory of the official IDX files, used when `data_dir`
-      holds no prepared TFDS `fashion_mnist`.
+      holds no prepared TFDS `fashion_mnist` (None: DEFAULT_MANUAL_DIR).
     augment: training only: random 2-pixel shift and horizontal flip.
     num_train_examples: keep only the first examples of 'train' (for tests).
   """

@@ -24,6 +24,7 @@ mask bool [B]. Position features and the fixed pixel permutation of the
 Training order and randomness: see `tfds_pipeline` (deterministic in seed and
 step; `start_step` resumes exactly).
 """
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -41,8 +42,18 @@ SPLITS = ('train', 'validation')
 _DECODERS = {'image': tfds.decode.SkipDecoding()}
 
 
+MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+
 def _builder(data_dir, manual_dir):
   builder = tfds.builder('imagenet2012', data_dir=data_dir)
+  if not builder.is_prepared() and manual_dir and os.path.isdir(manual_dir):
+    # TFDS's builder needs both tars (it reads the validation names eagerly).
+    missing = [f for f in MANUAL_FILES
+               if not os.path.exists(os.path.join(manual_dir, f))]
+    if missing:
+      raise FileNotFoundError(
+          f'ImageNet manual_dir {manual_dir} lacks {", ".join(missing)}.')
   return tfds_pipeline.prepare(builder, data_dir=data_dir,
                                manual_dir=manual_dir)
 
@@ -95,12 +106,14 @@ def mixup_cutmix(batch, key, *, mixup_alpha, cutmix_alpha):
   """MixUp or CutMix of a batch with its reverse; labels -> soft [B, K]."""
   images = batch['inputs']  # [B, S, S, 3]
   labels = tf.one_hot(batch['labels'], NUM_CLASSES)  # [B, K]
+  # tf.reverse: strided [::-1] slices of big tensors are ~20x slower.
+  partners = tf.reverse(images, [0])  # [B, S, S, 3]
   k_choice, k_mixup, k_cutmix, k_box = tf.unstack(
       tf.random.experimental.stateless_split(key, 4))
 
   def mixup():
     lam = _beta(k_mixup, mixup_alpha)
-    return lam * images + (1. - lam) * images[::-1], lam
+    return lam * images + (1. - lam) * partners, lam
 
   def cutmix():
     lam = _beta(k_cutmix, cutmix_alpha)
@@ -113,9 +126,11 @@ def mixup_cutmix(batch, key, *, mixup_alpha, cutmix_alpha):
     x1 = tf.cast(tf.clip_by_value(cx + ratio * w / 2, 0, w), tf.int32)
     rows = tf.logical_and(tf.range(h) >= y0, tf.range(h) < y1)  # [S]
     cols = tf.logical_and(tf.range(w) >= x0, tf.range(w) < x1)  # [S]
-    box = tf.logical_and(rows[:, None], cols[None, :])[None, :, :, None]
+    box = tf.cast(tf.logical_and(rows[:, None], cols[None, :]),
+                  tf.float32)[None, :, :, None]  # [1, S, S, 1]
     area = tf.cast((y1 - y0) * (x1 - x0), tf.float32)
-    return tf.where(box, images[::-1], images), 1. - area / (h * w)
+    # Exact selection by 0/1 products (broadcast tf.where is slow).
+    return images * (1. - box) + partners * box, 1. - area / (h * w)
 
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = tf.random.stateless_uniform([], k_choice) < 0.5
@@ -125,7 +140,7 @@ def mixup_cutmix(batch, key, *, mixup_alpha, cutmix_alpha):
   else:
     images, lam = cutmix()
   return {**batch, 'inputs': images,
-          'labels': lam * labels + (1. - lam) * labels[::-1]}
+          'labels': lam * labels + (1. - lam) * tf.reverse(labels, [0])}
 
 
 def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
