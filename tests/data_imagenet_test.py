@@ -198,6 +198,18 @@ def test_processes_get_disjoint_validation_shards(dirs):
   assert sorted(labels) == sorted(_LABELS.index(s) for s in _VAL_LABELS[:6])
 
 
+def test_processes_train_on_disjoint_shards(dirs):
+  labels = []
+  for p in range(2):  # Each shard holds 6 images; one batch = its epoch.
+    batch = next(_train(dirs, batch_size=6, randaugment_layers=0,
+                        process_index=p, process_count=2))
+    for image, label in zip(_pixels(batch['inputs']), batch['labels']):
+      np.testing.assert_allclose(image.mean((0, 1)), _colour(label), atol=25)
+    labels.append(batch['labels'])
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [4, 4, 4])
+  assert not np.array_equal(np.sort(labels[0]), np.sort(labels[1]))
+
+
 def test_missing_directories(tmp_path):
   with pytest.raises(FileNotFoundError, match='manual_dir .*nowhere'):
     imagenet.num_examples('train', data_dir=str(tmp_path / 'd'),

@@ -25,4 +25,22 @@ Training iterators repeat forever and are deterministic given `seed`: the
 iterator made with `start_step=s` yields exactly what a fresh one yields after
 `s` batches (same order, same augmentation), so a resumed run sees the data an
 uninterrupted run would. Evaluation iterators make one pass over the split.
+
+Details shared by the modules here (each module's docstring has the rest):
+
+  * Dataset-specific keyword arguments of `load` are flat and also accepted
+    (and ignored where irrelevant) by `num_examples`, so a runner can pass one
+    dict to both. `data_dir` is the TFDS data directory (None: TFDS's
+    default); `manual_dir` the user's downloaded files, from which a dataset
+    that is not prepared yet is built. Nothing here downloads.
+  * `inputs` may be a dict of arrays for multi-modal data: AudioSet with
+    modality='audio_video' yields {'audio': [B, ...], 'video': [B, ...]}
+    (with the [B, num_clips, ...] layout at evaluation for both).
+  * Every process yields the same number of evaluation batches (the shards
+    differ by at most one example; the rest is padding with mask False).
+  * Modules: fashion_mnist (numpy, in memory), imagenet (TFDS imagenet2012),
+    modelnet40 (own TFDS builder, in memory), audioset (own TFDS builder);
+    in_memory and tfds_pipeline hold the shared ordering and padding logic;
+    `python -m experiments.data.benchmark --dataset=NAME` measures the input
+    throughput of a training pipeline.
 """
