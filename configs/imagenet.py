@@ -6,6 +6,16 @@ r"""Perceiver on ImageNet (paper Table 1: 78.0% top-1; Tables 2, 5, 6, 7 ablatio
 Config argument (`--config=configs/imagenet.py:key=value,...`):
   runlocal   shrink model, batch and steps to a laptop CPU.
   permuted   the fixed-pixel-permutation ImageNet of Table 2.
+  synthetic  made-up data of the same shapes (experiments/data/synthetic.py).
+
+Training (paper section 3): LAMB, lr 0.004, x0.1 at epochs 84, 102, 114 of 120.
+Chosen where the paper is silent (marked '# chosen'): batch 1024, weight decay
+0.1 (not on biases / LayerNorm), grad-norm clip 10, label smoothing 0.1,
+MixUp 0.2 / CutMix 1.0 (the later Perceiver IO recipe), no warm-up.
+
+Sweeps (python -m launch.sweep --config=configs/imagenet.py --sweep=NAME):
+  cross_attends (Table 6), weight_sharing (Table 7), position_encoding (Table 2),
+  lr.
 
 The paper's ablations are plain fields: model.num_blocks (R), .num_self_attends_per_block (L),
 .cross_attend_arrangement ('interleaved' | 'start'), .share_weights, input.position_encoding
@@ -14,10 +24,11 @@ The paper's ablations are plain fields: model.num_blocks (R), .num_self_attends_
 
 from configs import common
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, permuted=False)
+  arg = common.parse_arg(arg, runlocal=False, permuted=False, synthetic=False)
   config = ml_collections.ConfigDict()
   config.dataset = 'imagenet'
   config.input_shape = (224, 224, 3)
@@ -54,4 +65,71 @@ def get_config(arg=None):
     config.input.max_resolution = (32, 32)
     config.model.update(num_latents=32, latent_channels=64, num_blocks=2,
                         num_self_attends_per_block=2, num_self_heads=4)
+  _training(config, arg)
   return config
+
+
+def _training(config, arg):
+  """Data, optimizer, schedule, evaluation and cadence."""
+  config.seed = 0
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.data = dict(data_dir=config_dict.placeholder(str))
+  config.batch_size = 1024  # chosen
+  config.eval_batch_size = 1024
+  config.num_epochs = 120.0
+  config.num_train_steps = config_dict.placeholder(int)
+  config.loss = 'softmax'
+  config.label_smoothing = 0.1  # chosen
+  config.mixup = dict(mixup_alpha=0.2, cutmix_alpha=1.0,  # chosen
+                      switch_prob=0.5)  # chosen
+  config.optimizer = dict(lr=0.004, b1=0.9, b2=0.999, eps=1e-6,  # chosen: betas, eps
+                          weight_decay=0.1,  # chosen
+                          clip_grad_norm=10.0)  # chosen
+  config.schedule = dict(kind='piecewise', warmup=0,  # chosen: no warm-up
+                         boundaries=(84, 102, 114), decay_factor=0.1,
+                         unit='epochs')
+  config.log_every_steps = 100
+  config.eval_every_steps = 12_500  # chosen: ~10 epochs at batch 1024
+  config.checkpoint_every_steps = 2_000
+  config.keep_checkpoints = 3
+  if arg.runlocal:
+    config.batch_size = 16
+    config.eval_batch_size = 32
+    config.num_epochs = None
+    config.num_train_steps = 40
+    config.schedule.update(boundaries=(28, 34, 38), unit='steps')
+    config.log_every_steps = 10
+    config.eval_every_steps = 20
+    config.checkpoint_every_steps = 20
+  if arg.synthetic:
+    config.dataset = 'synthetic'
+    config.data = dict(data_dir=config_dict.placeholder(str),
+                       input_shape=config.input_shape,
+                       num_classes=config.model.num_classes,
+                       num_train_examples=512, num_eval_examples=100)
+
+
+def sweep_cross_attends():
+  """Table 6: number and arrangement of cross-attends."""
+  for arrangement in ('start', 'interleaved'):
+    for num in (1, 2, 4, 8):
+      yield {'model.num_blocks': num,
+             'model.cross_attend_arrangement': arrangement}
+
+
+def sweep_weight_sharing():
+  """Table 7: with and without weight sharing."""
+  for share in (True, False):
+    yield {'model.share_weights': share}
+
+
+def sweep_position_encoding():
+  """Table 2 (raw pixels): Fourier features vs learned positions."""
+  for kind in ('fourier', 'learned'):
+    yield {'input.position_encoding': kind}
+
+
+def sweep_lr():
+  for lr in (0.002, 0.004, 0.008):
+    yield {'optimizer.lr': lr}

@@ -21,7 +21,8 @@ class Checkpointer:
   """Saves and restores a pytree of jax Arrays under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 3):
-    self.directory = os.path.abspath(directory)
+    self.directory = (directory if '://' in directory
+                      else os.path.abspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,

@@ -14,6 +14,7 @@ import os
 from typing import Mapping
 
 from absl import logging
+from etils import epath
 
 JSONL_NAME = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -36,8 +37,9 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, JSONL_NAME), 'a')
+    workdir = epath.Path(workdir)  # Local paths and gs:// alike.
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = (workdir / JSONL_NAME).open('a')
     if tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       # The runner is JAX's: keep TensorFlow off any accelerator.
@@ -51,7 +53,7 @@ class MetricWriter:
           plugin_data=summary_pb2.SummaryMetadata.PluginData(
               plugin_name='scalars')).SerializeToString()
       self._tb = tf.summary.create_file_writer(
-          os.path.join(workdir, TENSORBOARD_DIR))
+          os.fspath(workdir / TENSORBOARD_DIR))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:

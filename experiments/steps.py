@@ -128,6 +128,8 @@ def make_train_step(config, model, optimizer, mesh):
 
 
 def _example_ranks(input_shape) -> Any:
+  if isinstance(input_shape, ml_collections.ConfigDict):
+    input_shape = input_shape.to_dict()
   if isinstance(input_shape, Mapping):
     return {k: len(v) for k, v in input_shape.items()}
   return len(input_shape)

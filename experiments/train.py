@@ -21,6 +21,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -74,7 +76,7 @@ def check_data_dirs(config: ml_collections.ConfigDict) -> None:
   """Every config.data.*_dir that is set must be an existing directory."""
   for key, value in config.data.items():
     if key.endswith('_dir') and value is not None:
-      if not os.path.isdir(value):
+      if not epath.Path(value).is_dir():
         raise ConfigError(f'config.data.{key}={value!r} is not an existing '
                           'directory.')
 
@@ -212,10 +214,12 @@ def train_loop(config, state: TrainState, train_step, batches: Iterator,
       continue
     host = parallel.fetch(sums)
     if host['nonfinite'] > 0:
+      kept = (f'the last good checkpoint is step {last_saved} in '
+              f'{checkpointer.directory}' if last_saved is not None
+              else 'no checkpoint was saved')
       raise NonFiniteLossError(
           f'Loss or gradient became NaN/inf between steps '
-          f'{step - int(host["steps"]) + 1} and {step}; stopped. Last good '
-          f'checkpoint: step {last_saved} in {checkpointer.directory}.')
+          f'{step - int(host["steps"]) + 1} and {step}; stopped ({kept}).')
     if log_due and host['steps']:
       now = time.time()
       steps_per_sec = (step - tick_step) / max(now - tick, 1e-9)
@@ -261,9 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       steps_per_epoch=steps_per_epoch_fn(config, dataset))
   is_chief = jax.process_index() == 0
   if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       max_to_keep=config.keep_checkpoints)
@@ -300,8 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     metric_writers.log_scalars('final eval', step, result)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
     if is_chief:
-      with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-        json.dump(dict(result, step=step), f, indent=2)
+      (epath.Path(workdir) / 'final_metrics.json').write_text(
+          json.dumps(dict(result, step=step), indent=2))
     return result
   finally:
     stop.restore_handlers()
@@ -334,15 +338,36 @@ def _fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def _one_line(text: str) -> str:
+  """First line of an error message, plus its last line when the first only
+  announces it ('Error whilst parsing config file:')."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if not lines:
+    return 'unknown error'
+  if lines[0].endswith(':') and len(lines) > 1:
+    return f'{lines[0]} {lines[-1]}'
+  return lines[0]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with flag/override errors on one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).strip().splitlines()[0])
-  except (ValueError, TypeError, AttributeError, KeyError) as e:
-    # config_flags raises these for a bad config file or override.
-    _fail(f'{type(e).__name__}: {str(e).strip().splitlines()[0]}')
+    _fail(_one_line(str(e)))
+  except (AttributeError, KeyError) as e:
+    # config_flags: an override of a field the config does not have.
+    text = str(e).encode().decode('unicode_escape')
+    key = re.search(r"'([^']+)'", text)
+    key = key.group(1) if key else text
+    hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+    names = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    named = [n for n in names if n.split('.')[-1] == key] or [key]
+    _fail(f'{named[0]}: no such config field.' +
+          (f' {hint.group(0)}' if hint else ''))
+  except (ValueError, TypeError) as e:
+    # config_flags: a bad config argument or override value.
+    _fail(_one_line(str(e)))
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -360,7 +385,12 @@ def main(argv):
   _quiet_orbax()
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is not None:
+      config.keys()  # config_flags reports a file it could not load lazily.
+  except OSError as e:
+    _fail(f'cannot load --config: {str(e).strip().splitlines()[-1].strip()}')
   if config is None:
     _fail('--config is required (e.g. --config=configs/modelnet40.py).')
   if not workdir:

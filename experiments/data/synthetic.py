@@ -20,6 +20,7 @@ mask False; every process yields the same number of batches.
 from __future__ import annotations
 
 import math
+import time
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -100,8 +101,8 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
          data_dir: Optional[str] = None, input_shape: Shape = (8, 8, 1),
          num_classes: int = NUM_CLASSES, multi_label: bool = False,
          num_clips: int = 1, num_train_examples: int = 256,
-         num_eval_examples: int = 50, noise: float = 0.5
-         ) -> Iterator[dict[str, np.ndarray]]:
+         num_eval_examples: int = 50, noise: float = 0.5,
+         seconds_per_batch: float = 0.0) -> Iterator[dict[str, np.ndarray]]:
   """Batches of the synthetic dataset; see the module docstring.
 
   Args:
@@ -109,6 +110,8 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
     multi_label: multi-hot float labels [B, K] (1 to 3 classes each).
     num_clips: at evaluation, inputs are [B, num_clips, ...] when > 1.
     noise: std of the noise added to the class prototypes.
+    seconds_per_batch: sleep before each training batch (a slow input
+      pipeline, for tests that interrupt a run).
   """
   del data_dir  # Made up here; nothing is read.
   if not 0 <= process_index < process_count:
@@ -124,13 +127,17 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
   global_batch = batch_size * process_count
   offset = process_index * batch_size
   if is_training:
-    return _train(size, global_batch, offset, batch_size, start_step, kwargs)
+    return _train(size, global_batch, offset, batch_size, start_step,
+                  seconds_per_batch, kwargs)
   return _eval(size, global_batch, offset, batch_size, kwargs)
 
 
-def _train(size, global_batch, offset, batch_size, start_step, kwargs):
+def _train(size, global_batch, offset, batch_size, start_step,
+           seconds_per_batch, kwargs):
   step = start_step
   while True:
+    if seconds_per_batch:
+      time.sleep(seconds_per_batch)
     positions = step * global_batch + offset + np.arange(batch_size)  # [B]
     epochs, within = np.divmod(positions, size)
     orders = {int(e): np.random.default_rng([kwargs['seed'], 2, int(e)])
