@@ -298,6 +298,21 @@ def test_audio_video_training(manual, video_kwargs):
   assert only_video['inputs'].std() > 0.01
 
 
+def test_colour_jitter_matrix():
+  identity = audioset._colour_matrix(1., 0.).numpy()
+  np.testing.assert_allclose(identity, np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(audioset._colour_matrix(1., 1.), np.eye(3),
+                             atol=1e-5)  # A full turn of hue.
+  rgb = np.random.default_rng(0).uniform(size=(10, 3)).astype(np.float32)
+  luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+  grey = rgb @ audioset._colour_matrix(0., 0.3).numpy()  # No saturation.
+  np.testing.assert_allclose(grey, np.repeat(luma[:, None], 3, 1), atol=1e-5)
+  shifted = rgb @ audioset._colour_matrix(1.3, 0.05).numpy()
+  np.testing.assert_allclose(  # Hue and saturation keep the luma.
+      shifted @ np.array([0.299, 0.587, 0.114]), luma, atol=1e-5)
+  assert np.abs(shifted - rgb).max() > 0.02
+
+
 def _build_error(tmp_path, exception, pattern):
   with pytest.raises(exception, match=pattern):
     audioset.num_examples('eval', data_dir=str(tmp_path / 'tfds'),

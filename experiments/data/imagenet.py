@@ -71,7 +71,9 @@ def num_examples(split: str, *, data_dir: Optional[str] = None,
 
 
 def _normalise(image):  # [S, S, 3] in [0, 255] -> normalised float32
-  return (image / 255. - MEAN) / STD
+  scale = tf.constant(1. / (255. * np.array(STD)), tf.float32)
+  return image * scale - tf.constant(np.array(MEAN) / np.array(STD),
+                                     tf.float32)
 
 
 def inception_crop(jpeg, key, image_size):
@@ -182,7 +184,7 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
       image = randaugment.randaugment(
           tf.round(image), k_augment, num_layers=randaugment_layers,
           magnitude=randaugment_magnitude)
-    return {'inputs': tf.cast(_normalise(image), tf.float32),
+    return {'inputs': _normalise(image),
             'labels': tf.cast(example['label'], tf.int32)}
 
   batch_transform = None
