@@ -125,8 +125,9 @@ def spec_augment(mel: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
 def _windows(audio, starts):
   """int16 [L] and [N] starts -> float32 [N, W] (zero-padded at the end)."""
   audio = tf.pad(audio, [[0, tf.maximum(WINDOW - tf.shape(audio)[0], 0)]])
-  index = starts[:, None] + tf.range(WINDOW)[None]  # [N, W]
-  return tf.cast(tf.gather(audio, index), tf.float32) / 32768.
+  windows = tf.stack([tf.slice(audio, [s], [WINDOW])  # Slices: fast copies.
+                      for s in tf.unstack(starts, num=starts.shape[0])])
+  return tf.cast(windows, tf.float32) / 32768.  # [N, W]
 
 
 def _decode_frames(jpegs, window):

@@ -175,7 +175,9 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
     features = {
         'ytid': tfds.features.Text(),
         'start_seconds': np.float32,
-        'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16),
+        # Raw bytes: the default int64 list would parse ~5x slower.
+        'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16,
+                                      encoding=tfds.features.Encoding.BYTES),
         'labels': tfds.features.Sequence(
             tfds.features.ClassLabel(num_classes=NUM_CLASSES)),
     }
