@@ -214,6 +214,15 @@ def test_eval_windows_are_evenly_spaced_and_padded(manual):
       np.testing.assert_array_equal(np.flatnonzero(labels), [3, 4, 5])
 
 
+def test_windows_past_the_end_are_zero_padded():
+  audio = tf.constant(np.arange(1, 1001), tf.int16)
+  windows = audioset._windows(audio, tf.constant([0, 900])).numpy() * 32768
+  assert windows.shape == (2, W)
+  np.testing.assert_array_equal(windows[0, :1000], np.arange(1, 1001))
+  np.testing.assert_array_equal(windows[1, :100], np.arange(901, 1001))
+  assert not windows[0, 1000:].any() and not windows[1, 100:].any()
+
+
 def test_log_mel_of_a_sine():
   t = np.arange(2 * W) / RATE
   audio = tf.constant(np.stack([np.sin(2 * np.pi * 3000. * t[:W]),

@@ -124,7 +124,8 @@ def spec_augment(mel: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
 
 def _windows(audio, starts):
   """int16 [L] and [N] starts -> float32 [N, W] (zero-padded at the end)."""
-  audio = tf.pad(audio, [[0, tf.maximum(WINDOW - tf.shape(audio)[0], 0)]])
+  short = tf.reduce_max(starts) + WINDOW - tf.shape(audio)[0]
+  audio = tf.pad(audio, [[0, tf.maximum(short, 0)]])
   windows = tf.stack([tf.slice(audio, [s], [WINDOW])  # Slices: fast copies.
                       for s in tf.unstack(starts, num=starts.shape[0])])
   return tf.cast(windows, tf.float32) / 32768.  # [N, W]
@@ -252,7 +253,7 @@ def _make_preprocess(modality, audio_format, is_training, *, image_size,
                              image_size)[None]
         if modality == 'audio_video' and video_dropout:
           drop = tf.random.stateless_uniform([], keys[3]) < video_dropout
-          video = tf.where(drop, tf.zeros_like(video), video)
+          video = tf.cond(drop, lambda: tf.zeros_like(video), lambda: video)
       else:
         video = _video_eval(example['video'], starts, image_size)
       inputs['video'] = video
