@@ -189,5 +189,11 @@ def main(argv):
     sys.exit(1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flags, also accepting the spelling --dry-run."""
+  return flags.FLAGS([a.replace('--dry-run', '--dry_run', 1)
+                      if a.startswith('--dry-run') else a for a in argv])
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,6 @@
 """End to end: `python -m experiments.train` in subprocesses on the tiny
 synthetic config (experiments/testing.py), on 1 and 8 fake CPU devices, two
-processes joined by jax.distributed, interrupted by SIGTERM and resumed.
+processes of 2 fake devices each joined by jax.distributed, interrupted by SIGTERM and resumed.
 
 One uninterrupted 1-device run (the module fixture `reference`) is the yardstick
 the other runs must reproduce. A shared JAX compilation cache keeps the
@@ -127,13 +127,13 @@ def test_two_processes_give_the_one_process_result(tmp_path, reference,
         f'--coordinator_address={address}', '--num_processes=2',
         f'--process_id={process_id}'])
     procs.append(subprocess.Popen(
-        command, cwd=testing.ROOT, env=testing.subprocess_env(4, cache_dir),
+        command, cwd=testing.ROOT, env=testing.subprocess_env(2, cache_dir),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   records = testing.read_jsonl(workdir)  # written by process 0 only
-  assert records[0]['num_processes'] == 2 and records[0]['num_devices'] == 8
+  assert records[0]['num_processes'] == 2 and records[0]['num_devices'] == 4
   assert len([r for r in records if r['step'] == 2]) == 1
   got, want = _losses(workdir), _losses(reference)
   for step in want:
@@ -147,7 +147,7 @@ def test_sigterm_then_rerun_ends_with_the_uninterrupted_params(
     tmp_path, reference, cache_dir):
   workdir = str(tmp_path / 'interrupted')
   # A slow input pipeline leaves time to interrupt the run mid-way.
-  overrides = ['data.seconds_per_batch=0.2']
+  overrides = ['data.seconds_per_batch=0.1']
   proc = subprocess.Popen(
       testing.train_command(workdir, overrides), cwd=testing.ROOT,
       env=testing.subprocess_env(1, cache_dir), stdout=subprocess.PIPE,

@@ -1,0 +1,188 @@
+r"""Train-step speed of a config next to a plain matmul on the same devices.
+
+  python -m launch.benchmark --config=configs/fashion_mnist.py [--batch_size=B]
+  python -m launch.benchmark --workload=NAME      # a registered preset
+
+Prints the train-step time, examples/s, FLOPs per step (XLA's cost analysis
+of the compiled, partitioned step, times the number of devices), the achieved
+FLOP/s, and the same for an N x N x N float32 matmul (rows split over the
+devices), with the ratio of the two FLOP rates: how much of what the hardware
+does on a matmul the train step achieves. Inputs are random arrays of the
+config's input shape; no dataset is read. A benchmark prints figures; it is
+not a timed test.
+
+Reuse: `benchmark_train_step(config, batch_size)` and `benchmark_matmul(n)`
+return dicts; `register_workload('W1')` adds a preset (a function returning
+(config, batch_size)) that `--workload=W1` runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from experiments import optimizers
+from experiments import parallel
+from experiments import steps as steps_lib
+
+WORKLOADS: dict[str, Callable[[], tuple[ml_collections.ConfigDict, int]]] = {}
+
+
+def register_workload(name: str):
+  """Decorator: `@register_workload('W1') def w1(): return config, batch`."""
+  def register(fn):
+    WORKLOADS[name] = fn
+    return fn
+  return register
+
+
+def _time(fn: Callable[[], Any], iterations: int) -> float:
+  """Mean seconds per call of fn (which returns arrays to wait for)."""
+  start = time.perf_counter()
+  for _ in range(iterations):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / iterations
+
+
+def random_batch(config, batch_size: int, mesh, seed: int = 0):
+  """A global batch of random inputs and labels, split over the mesh."""
+  rng = np.random.default_rng(seed)
+  local = batch_size // jax.process_count()
+  shape = config.input_shape
+  if hasattr(shape, 'items'):
+    inputs = {k: rng.normal(size=(local,) + tuple(v)).astype(np.float32)
+              for k, v in shape.items()}
+  else:
+    inputs = rng.normal(size=(local,) + tuple(shape)).astype(np.float32)
+  num_classes = config.model.num_classes
+  if config.loss == 'sigmoid':
+    labels = (rng.random((local, num_classes)) < 0.05).astype(np.float32)
+  else:
+    labels = rng.integers(0, num_classes, size=local).astype(np.int32)
+  return parallel.global_batch(
+      {'inputs': inputs, 'labels': labels, 'mask': np.ones(local, bool)},
+      mesh)
+
+
+def benchmark_train_step(config: ml_collections.ConfigDict,
+                         batch_size: Optional[int] = None, *, mesh=None,
+                         iterations: int = 10,
+                         warmup: int = 2) -> dict[str, float]:
+  """Times the runner's own jitted train step on random data.
+
+  Returns step_time_s, examples_per_sec, flops_per_step (XLA cost analysis,
+  all devices), flops_per_sec, compile_time_s, num_devices, batch_size.
+  """
+  mesh = mesh or parallel.make_mesh()
+  batch_size = batch_size or config.batch_size
+  parallel.check_batch_size(batch_size, mesh, jax.process_count())
+  model = steps_lib.build_model(config)
+  schedule = optimizers.make_schedule(
+      lr=config.optimizer.lr, total_steps=1000,
+      **dict(config.schedule.to_dict(), unit='steps'))
+  optimizer = optimizers.make_optimizer(schedule=schedule,
+                                        **config.optimizer.to_dict())
+  state = steps_lib.create_train_state(config, model, optimizer, mesh)
+  sums = steps_lib.zero_metrics(mesh)
+  batch = random_batch(config, batch_size, mesh)
+  train_step = steps_lib.make_train_step(config, model, optimizer, mesh)
+  start = time.perf_counter()
+  compiled = train_step.lower(state, sums, batch).compile()
+  compile_time = time.perf_counter() - start
+  num_devices = mesh.devices.size
+  flops = float(compiled.cost_analysis()['flops']) * num_devices
+  carry = [state, sums]
+
+  def step():
+    carry[0], carry[1] = compiled(carry[0], carry[1], batch)
+    return carry[1]
+
+  _time(step, warmup)
+  seconds = _time(step, iterations)
+  return {'step_time_s': seconds, 'examples_per_sec': batch_size / seconds,
+          'flops_per_step': flops, 'flops_per_sec': flops / seconds,
+          'compile_time_s': compile_time, 'num_devices': num_devices,
+          'batch_size': batch_size}
+
+
+def benchmark_matmul(n: int = 2048, *, dtype=jnp.float32, mesh=None,
+                     iterations: int = 10) -> dict[str, float]:
+  """An [n, n] x [n, n] matmul, rows of the left operand split over the
+  devices: time, FLOPs (2 n^3) and FLOP/s."""
+  mesh = mesh or parallel.make_mesh()
+  if n % mesh.devices.size:
+    raise ValueError(f'n={n} does not divide over {mesh.devices.size} '
+                     'devices.')
+  a = jax.device_put(jnp.ones((n, n), dtype), parallel.batch_sharded(mesh))
+  b = jax.device_put(jnp.ones((n, n), dtype) / n, parallel.replicated(mesh))
+  matmul = jax.jit(lambda a, b: a @ b,
+                   out_shardings=parallel.batch_sharded(mesh))
+  compiled = matmul.lower(a, b).compile()
+  _time(lambda: compiled(a, b), 2)
+  seconds = _time(lambda: compiled(a, b), iterations)
+  flops = 2.0 * n ** 3
+  return {'step_time_s': seconds, 'flops_per_step': flops,
+          'flops_per_sec': flops / seconds}
+
+
+def report(name: str, train: dict[str, float], matmul: dict[str, float],
+           matmul_n: int) -> str:
+  devices = jax.devices()
+  return '\n'.join([
+      f'devices: {len(devices)} x {devices[0].device_kind} '
+      f'({jax.process_count()} process(es))',
+      f'train step ({name}, global batch {train["batch_size"]}):',
+      f'  time/step        {train["step_time_s"] * 1e3:.2f} ms '
+      f'(compile {train["compile_time_s"]:.1f} s)',
+      f'  examples/s       {train["examples_per_sec"]:.1f}',
+      f'  FLOPs/step       {train["flops_per_step"]:.4g} (XLA cost analysis)',
+      f'  achieved         {train["flops_per_sec"] / 1e9:.2f} GFLOP/s',
+      f'matmul {matmul_n}^3 float32:',
+      f'  time             {matmul["step_time_s"] * 1e3:.2f} ms',
+      f'  FLOPs            {matmul["flops_per_step"]:.4g}',
+      f'  achieved         {matmul["flops_per_sec"] / 1e9:.2f} GFLOP/s',
+      f'train / matmul     {train["flops_per_sec"] / matmul["flops_per_sec"]:.3f}',
+  ])
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config: configs/NAME.py[:ARG].',
+    lock_config=True)
+_WORKLOAD = flags.DEFINE_string('workload', None,
+                                'A registered preset instead of --config.')
+_BATCH = flags.DEFINE_integer('batch_size', None,
+                              'Global batch (default config.batch_size).')
+_ITERATIONS = flags.DEFINE_integer('iterations', 10, 'Timed steps.')
+_MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Matmul size N.')
+
+
+def main(argv):
+  del argv
+  if _WORKLOAD.value:
+    if _WORKLOAD.value not in WORKLOADS:
+      raise app.UsageError(f'Unknown --workload={_WORKLOAD.value}; known: '
+                           f'{sorted(WORKLOADS)}.')
+    config, batch_size = WORKLOADS[_WORKLOAD.value]()
+    name = _WORKLOAD.value
+  elif _CONFIG.value is not None:
+    config, batch_size = _CONFIG.value, _BATCH.value
+    name = flags.FLAGS['config'].config_filename
+  else:
+    raise app.UsageError('Give --config or --workload.')
+  train = benchmark_train_step(config, batch_size or _BATCH.value,
+                               iterations=_ITERATIONS.value)
+  matmul = benchmark_matmul(_MATMUL_N.value, iterations=_ITERATIONS.value)
+  print(report(name, train, matmul, _MATMUL_N.value), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
