@@ -232,3 +232,32 @@ def test_missing_workdir_is_a_one_line_error():
       timeout=120, check=False)
   assert _one_line_error(result) == (
       'experiments.train: error: --workdir is required.')
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
+    tmp_path, cache_dir):
+  workdir = str(tmp_path / 'two_interrupted')
+  address = f'localhost:{_free_port()}'
+  procs = [subprocess.Popen(
+      testing.train_command(workdir, ['data.seconds_per_batch=0.1'], extra=[
+          f'--coordinator_address={address}', '--num_processes=2',
+          f'--process_id={i}']),
+      cwd=testing.ROOT, env=testing.subprocess_env(2, cache_dir),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  jsonl = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 180
+  while time.time() < deadline and procs[0].poll() is None:
+    if os.path.exists(jsonl) and any(
+        r['step'] >= 4 and 'loss' in r for r in testing.read_jsonl(workdir)):
+      break
+    time.sleep(0.05)
+  assert procs[1].poll() is None, 'the run ended before it could be stopped'
+  procs[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+  steps = [int(err.split('Stopped by signal 15 at step ')[1].split(';')[0])
+           for err in errs]
+  assert steps[0] == steps[1] == testing.checkpoint_steps(workdir)[-1]
+  assert steps[0] < TOTAL_STEPS
