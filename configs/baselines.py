@@ -23,6 +23,7 @@ Config argument (`--config=configs/baselines.py:key=value,...`):
   ff         Fourier features (default); ff=false: raw pixels only (ResNet)
              or the standard learned position embedding (ViT).
   runlocal   the base config's laptop-CPU shrink, with a small baseline.
+  synthetic  the base config's made-up data of the same shapes.
 
 Everything but the input and model sections comes from the dataset's own config
 (configs/<dataset>.py): data, optimizer, schedule, batch size, evaluation.
@@ -40,8 +41,9 @@ Choices (the paper gives none of them):
   ViT (a ViT-B-k patch = k x k points), 44 x 44 = 1,936 points for the
   Transformer (perceiver/transformer.py, PointGridPreprocessor).
 - Perceiver (learned pos.): 128 learned channels, init 1.0 and a single
-  cross-attend (PAPER.md section 2), i.e. num_blocks=1 (one cross-attend and
-  one latent Transformer); everything else as the dataset's Perceiver.
+  cross-attend (PAPER.md section 2): num_cross_attends=1, still followed by
+  the dataset's R latent-Transformer applications (8 on ImageNet);
+  everything else as the dataset's Perceiver.
 """
 
 import importlib
@@ -78,11 +80,12 @@ TRANSFORMER_SMALL = dict(num_layers=2, num_channels=64, num_heads=4,
 
 def _base_config(dataset: str, arg) -> ml_collections.ConfigDict:
   base = importlib.import_module(f'configs.{dataset}')
+  base_arg = f'runlocal={arg.runlocal},synthetic={arg.synthetic}'
   if dataset == 'modelnet40':
     if arg.permuted:
       raise ValueError('permuted applies to image datasets, not modelnet40.')
-    return base.get_config(f'runlocal={arg.runlocal}')
-  return base.get_config(f'runlocal={arg.runlocal},permuted={arg.permuted}')
+    return base.get_config(base_arg)
+  return base.get_config(f'{base_arg},permuted={arg.permuted}')
 
 
 def _image_grid_input(base_input, *, ff: bool) -> dict:
@@ -131,7 +134,8 @@ def _image_models(config, arg, *, num_classes: int, small: bool):
     if not small:
       image.update(learned_channels=128, learned_init_scale=1.0)
     perceiver = config.model.to_dict()
-    perceiver.update(num_blocks=1)  # a single cross-attend (paper Table 2)
+    # A single cross-attend (paper Table 2), before the R latent blocks.
+    perceiver.update(num_cross_attends=1)
     return 'image', image, 'perceiver', perceiver
   raise AssertionError(model)
 
@@ -147,7 +151,8 @@ def _point_models(config, arg, *, small: bool):
     grid = (16, 16) if small else (44, 44)
     return ('point_grid', dict(points, grid_shape=grid, flatten=True),
             'transformer',
-            dict(num_classes=40, **(TRANSFORMER_SMALL if small else TRANSFORMER)))
+            dict(num_classes=40,
+                 **(TRANSFORMER_SMALL if small else TRANSFORMER)))
   grid = (16, num_points // 16) if small else (32, num_points // 32)
   inputs = dict(points, grid_shape=grid, flatten=False)
   if arg.model == 'resnet50':
@@ -161,7 +166,8 @@ def _point_models(config, arg, *, small: bool):
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, dataset='imagenet', model='resnet50',
-                         permuted=False, ff=True, runlocal=False)
+                         permuted=False, ff=True, runlocal=False,
+                         synthetic=False)
   if arg.dataset not in DATASETS:
     raise ValueError(f'Unknown dataset {arg.dataset!r}; known: {DATASETS}.')
   if arg.model not in MODELS[arg.dataset]:

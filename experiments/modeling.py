@@ -116,7 +116,7 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
 
 
 def variable_shapes(config: ml_collections.ConfigDict):
-  """(params, state) shapes of the config's model, without computing anything."""
+  """(params, state) shapes of the config's model, computing nothing."""
   model = build_model(config)
   init = lambda rng, x: model.init(rng, x, is_training=True)
   return jax.eval_shape(init, jax.random.key(0), example_inputs(config))

@@ -38,7 +38,7 @@ _CONV_INIT = hk.initializers.VarianceScaling(2.0, 'fan_in', 'truncated_normal')
 
 
 class _ConvBN(hk.Module):
-  """Conv (no bias) -> BatchNorm, optionally -> ReLU: [B, H, W, C] -> [B, H', W', E]."""
+  """Conv (no bias) -> BatchNorm (-> ReLU): [B, H, W, C] -> [B, H', W', E]."""
 
   def __init__(self, *, channels: int, kernel_size: int, stride: int,
                relu: bool, bn_decay_rate: float, bn_eps: float,
@@ -135,7 +135,7 @@ class ResNet(hk.Module):
         halves it in its first block.
       stage_channels: output channels E of each stage's blocks ((256, 512,
         1024, 2048) for ResNet-50; bottlenecks run at E / 4 inside).
-      bottleneck: bottleneck blocks (ResNet-50) or basic blocks (ResNet-18 style).
+      bottleneck: bottleneck blocks (ResNet-50) or basic blocks (ResNet-18).
       stem_channels: channels of the stem convolution (64).
       stem_kernel_size: its kernel (7; 3 for small images).
       stem_stride: its stride (2; 1 for small images).

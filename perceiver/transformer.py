@@ -15,7 +15,7 @@ LayerNorm, the mean over M and a zero-initialised linear head. It is the
 Perceiver's latent Transformer applied to the inputs themselves instead of to
 latents. Paper-size choice (the paper does not give one): L = 6, D = 1024,
 8 heads, i.e. exactly one Perceiver latent Transformer. On 64x64 ImageNet
-(M = 4,096) that costs ~720 GFLOPs per example, the Perceiver's compute
+(M = 4,096) that costs ~729 GFLOPs per example, the Perceiver's compute
 budget (707 GFLOPs), so the comparison is at matched compute; the attention
 over M^2 = 16.8M pairs per head is what forces the downsampling. There is no
 position embedding beyond the Fourier features and the pooling is a mean, so

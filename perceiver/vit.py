@@ -79,7 +79,7 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
 
 
 class EncoderBlock(hk.Module):
-  """x + Drop(MHSA(LN(x))), then x + Drop(MLP(LN(x))): [B, T, D] -> [B, T, D]."""
+  """x + Drop(MHSA(LN(x))), then x + Drop(MLP(LN(x))): [B, T, D] -> same."""
 
   def __init__(self, *, num_heads: int, mlp_dim: int, dropout_rate: float,
                name: str | None = None):
