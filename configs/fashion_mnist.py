@@ -33,7 +33,7 @@ def get_config(arg=None):
       max_resolution=(28, 28),
       learned_channels=32,
       learned_init_scale=1.0,
-      permutation_seed=0 if arg.permuted else None,
+      permutation_seed=0 if arg.permuted else config_dict.placeholder(int),
   )
 
   config.model_name = 'perceiver'
@@ -43,11 +43,12 @@ def get_config(arg=None):
       latent_channels=128,
       num_blocks=2,
       num_self_attends_per_block=2,
+      num_cross_attends=config_dict.placeholder(int),  # None: = num_blocks
       num_cross_heads=1,
       num_self_heads=4,
       cross_attend_arrangement='interleaved',
       share_weights=True,
-      cross_attend_chunk_size=None,
+      cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
   )
   _training(config, arg)

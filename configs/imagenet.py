@@ -41,7 +41,8 @@ def get_config(arg=None):
       max_resolution=(224, 224),
       learned_channels=128,
       learned_init_scale=1.0,
-      permutation_seed=0 if arg.permuted else None,  # Table 2, permuted
+      # Table 2, permuted: one fixed pixel permutation after the positions.
+      permutation_seed=0 if arg.permuted else config_dict.placeholder(int),
   )
 
   config.model_name = 'perceiver'
@@ -51,11 +52,12 @@ def get_config(arg=None):
       latent_channels=1024,
       num_blocks=8,
       num_self_attends_per_block=6,
+      num_cross_attends=config_dict.placeholder(int),  # None: = num_blocks
       num_cross_heads=1,
       num_self_heads=8,
       cross_attend_arrangement='interleaved',
       share_weights=True,
-      cross_attend_chunk_size=None,
+      cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
   )
 

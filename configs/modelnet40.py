@@ -43,11 +43,12 @@ def get_config(arg=None):
       latent_channels=1024,
       num_blocks=2,
       num_self_attends_per_block=6,
+      num_cross_attends=config_dict.placeholder(int),  # None: = num_blocks
       num_cross_heads=1,
       num_self_heads=8,
       cross_attend_arrangement='interleaved',
       share_weights=True,  # chosen: the paper's ImageNet sharing scheme
-      cross_attend_chunk_size=None,
+      cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
   )
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from launch import summary
+from experiments import model_summary as summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {

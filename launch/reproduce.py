@@ -1,0 +1,245 @@
+r"""Reproduces one of the paper's Tables 1-7 (launch/tables.py).
+
+  # CPU scale, Fashion-MNIST stand-ins (the README's main job is Table 2):
+  python -m launch.reproduce --table=2 --scale=local --rows=perceiver,resnet50_ff \
+      --workdir=workdirs/table2
+  # Paper scale: list the runs with parameters and FLOPs, or launch them
+  # (locally one after another, or on every worker of a Cloud TPU VM):
+  python -m launch.reproduce --table=6 --scale=paper --dry-run
+  python -m launch.reproduce --table=6 --scale=paper --workdir=gs://B/t6 \
+      --tpu=NAME --zone=ZONE
+
+Every cell trains with `python -m experiments.train` in its own workdir
+(ROOT/ROW_COLUMN), so an interrupted reproduction resumes where it stopped.
+The table (paper's number, this run's number, parameters and FLOPs per example
+of the paper-size model) is printed and written to ROOT/table_N.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+import ml_collections
+
+from experiments import model_summary
+from launch import sweep
+from launch import tables as tables_lib
+
+_TABLE = flags.DEFINE_integer('table', None, 'Paper table, 1-7.')
+_SCALE = flags.DEFINE_enum('scale', 'local', ['local', 'paper'],
+                           'local: CPU-scale stand-ins; paper: full scale.')
+_ROWS = flags.DEFINE_list('rows', None, 'Only these rows (by name).')
+_JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained at the same time.')
+# --workdir, --override, --dry_run, --tpu, --zone and --project are the sweep
+# launcher's flags (launch/sweep.py), with the same meaning here.
+FLAGS = flags.FLAGS
+
+
+def load_config(spec: str, overrides: Sequence[tuple[str, Any]] = ()
+                ) -> ml_collections.ConfigDict:
+  """configs/NAME.py[:ARG] with dotted-key overrides applied."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location(
+      'config_' + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for key, value in overrides:
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'{spec}: override {key!r} names no config field.')
+    node[leaf] = value
+  return config
+
+
+def model_facts(run: tables_lib.Run) -> dict[str, float]:
+  """Parameters and FLOPs per example of a run's paper-size model."""
+  s = model_summary.summarize(load_config(run.config, run.overrides))
+  return {'params': s['params'], 'flops': s['flops']}
+
+
+def cell_name(row: tables_lib.Row, column: str) -> str:
+  return f'{row.name}_{column.replace("+", "_").replace("-", "")}'
+
+
+def run_args(run: tables_lib.Run, workdir: str, scale: str,
+             extra: Sequence[str] = ()) -> Optional[list[str]]:
+  """`python` arguments that train (and evaluate) one cell, or None."""
+  config = run.config if scale == 'paper' else run.local_config
+  if config is None:
+    return None
+  overrides = run.overrides if scale == 'paper' else run.local_overrides
+  point = dict(overrides)
+  if run.eval_split:
+    point['eval_split'] = run.eval_split
+  return sweep.train_args(config, workdir, point, extra)
+
+
+def _stream(process: subprocess.Popen, prefix: str) -> None:
+  for line in process.stdout:
+    print(f'[{prefix}] {line}', end='', flush=True)
+
+
+def train_cells(cells: list[tuple[str, str, list[str]]], jobs: int
+                ) -> dict[str, int]:
+  """Runs the training commands, `jobs` at a time; returns their exit codes."""
+  codes, running, queue = {}, [], list(cells)
+  while queue or running:
+    while queue and len(running) < jobs:
+      name, _, command = queue.pop(0)
+      print(f'[reproduce] {name}: {shlex.join(command)}', flush=True)
+      process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+      thread = threading.Thread(target=_stream, args=(process, name),
+                                daemon=True)
+      thread.start()
+      running.append((name, process, thread))
+    time.sleep(0.2)
+    for item in list(running):
+      name, process, thread = item
+      if process.poll() is not None:
+        thread.join()
+        codes[name] = process.returncode
+        running.remove(item)
+  return codes
+
+
+def _score(metrics: Optional[dict[str, Any]], metric: str) -> Optional[float]:
+  if not metrics or metrics.get(metric) is None:
+    return None
+  return 100.0 * float(metrics[metric])
+
+
+def markdown(table: tables_lib.Table, rows, facts, results, scale: str) -> str:
+  """The table: per column the paper's number and this run's."""
+  head = ['Model']
+  for c in table.columns:
+    head += [f'{c}: paper', f'{c}: this run ({scale})']
+  head += ['Params (paper size)', 'GFLOPs / example (paper size)']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  fmt = lambda v: '—' if v is None else f'{v:.1f}'
+  for row in rows:
+    cells = [row.label]
+    for column, run in zip(table.columns, row.runs):
+      if run is None:
+        cells += ['—', 'not reproduced']
+        continue
+      got = results.get(cell_name(row, column))
+      cells += [fmt(run.paper), 'not run' if got is None and
+                run_args(run, '', scale) is None else fmt(got)]
+    f = facts.get(row.name)
+    cells += [f'{f["params"] / 1e6:.2f}M' if f else '—',
+              f'{f["flops"] / 1e9:.1f}' if f else '—']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  text = f'Table {table.number}: {table.title}\n\n' + '\n'.join(lines)
+  return text + (f'\n\n{table.note}' if table.note else '')
+
+
+def reproduce(number: int, *, scale: str, workdir: Optional[str],
+              rows: Optional[Sequence[str]] = None, overrides=(),
+              jobs: int = 1, dry_run: bool = False, tpu=None, zone=None,
+              project=None) -> str:
+  """Trains (or lists) a table's runs and returns the markdown table."""
+  if number not in tables_lib.TABLES:
+    raise ValueError(f'--table must be one of {sorted(tables_lib.TABLES)}.')
+  table = tables_lib.TABLES[number]
+  known = [r.name for r in table.rows]
+  if rows:
+    unknown = sorted(set(rows) - set(known))
+    if unknown:
+      raise ValueError(f'Table {number} has no rows {unknown}; rows: {known}.')
+  selected = [r for r in table.rows if not rows or r.name in rows]
+  facts = {}
+  for row in selected:
+    run = next((r for r in row.runs if r is not None), None)
+    if run is not None:
+      facts[row.name] = model_facts(run)
+  root = workdir or f'workdirs/table{number}_{scale}'
+  cells = []
+  for row in selected:
+    for column, run in zip(table.columns, row.runs):
+      if run is None:
+        continue
+      name = cell_name(row, column)
+      # A train-split evaluation reuses the trained run of the row's first
+      # column: it resumes at the last step and only evaluates.
+      cell_dir = os.path.join(root, cell_name(row, table.columns[0])
+                              if run.eval_split else name)
+      args = run_args(run, cell_dir, scale, overrides)
+      if args is None:
+        continue
+      if tpu:
+        command = sweep.tpu_command(args, tpu=tpu, zone=zone, project=project,
+                                    remote_dir='~/perceiver')
+      else:
+        command = [sys.executable] + args
+      cells.append((name, cell_dir, command, run))
+  if dry_run:
+    text = markdown(table, selected, facts, {}, scale)
+    return text + '\n\nCommands:\n' + '\n'.join(
+        shlex.join(c) for _, _, c, _ in cells)
+
+  os.makedirs(root, exist_ok=True)
+  results_path = os.path.join(root, 'results.json')
+  results = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  start = time.time()
+  # Cells that evaluate another cell's run wait for it: run them afterwards.
+  first = [c for c in cells if c[0] not in results and not c[3].eval_split]
+  second = [c for c in cells if c[0] not in results and c[3].eval_split]
+  for group in (first, second):
+    codes = train_cells([(n, d, c) for n, d, c, _ in group], jobs)
+    for name, cell_dir, _, run in group:
+      if codes[name] == 0:
+        results[name] = _score(sweep.read_metrics(cell_dir), run.metric)
+      with open(results_path, 'w') as f:
+        json.dump(results, f, indent=2)
+  elapsed = time.time() - start
+  text = markdown(table, selected, facts, results, scale)
+  text += (f'\n\nTrained and evaluated in {elapsed / 60:.1f} min '
+           f'(this invocation; set-up excluded).')
+  with open(os.path.join(root, f'table_{number}.md'), 'w') as f:
+    f.write(text + '\n')
+  failed = [n for n, _, _, _ in cells if results.get(n) is None]
+  if failed:
+    text += f'\n\nRuns without a result: {failed}'
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _TABLE.value is None:
+    sys.exit('launch.reproduce: error: --table is required (1-7).')
+  if FLAGS.tpu and not FLAGS.zone:
+    sys.exit('launch.reproduce: error: --tpu needs --zone.')
+  try:
+    text = reproduce(_TABLE.value, scale=_SCALE.value, workdir=FLAGS.workdir,
+                     rows=_ROWS.value, overrides=FLAGS.override,
+                     jobs=_JOBS.value, dry_run=FLAGS.dry_run, tpu=FLAGS.tpu,
+                     zone=FLAGS.zone, project=FLAGS.project)
+  except ValueError as e:
+    sys.exit(f'launch.reproduce: error: {e}')
+  print(text, flush=True)
+  if 'Runs without a result' in text:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(
+      [a.replace('--dry-run', '--dry_run', 1) for a in argv]))
