@@ -108,12 +108,22 @@ def _training(config, arg):
   config.seed = 0
   config.train_split = 'train'
   config.eval_split = 'eval'
-  config.data = dict(data_dir=config_dict.placeholder(str))
+  config.data = dict(  # experiments/data/audioset.py load() kwargs
+      data_dir=config_dict.placeholder(str),  # TFDS data dir (None: default)
+      manual_dir=config_dict.placeholder(str),  # CSVs and clips, to prepare
+      modality=arg.modality,
+      audio_format=arg.features,
+      image_size=224,
+      num_eval_clips=16,  # paper: 16 overlapping clips per 10 s video
+      specaugment=True,  # mel only
+      video_dropout=0.3,  # paper: 30% (audio_video only)
+      shuffle_buffer=1_000,
+  )
   config.batch_size = 512  # chosen
   config.eval_batch_size = 64  # chosen: each example holds 16 clips
   config.num_epochs = 100.0
   config.num_train_steps = config_dict.placeholder(int)
-  config.loss = 'sigmoid'
+  config.loss = 'sigmoid'  # multi-label
   config.label_smoothing = 0.0
   config.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
   config.optimizer = dict(lr=0.004, b1=0.9, b2=0.999, eps=1e-6,  # chosen
@@ -126,6 +136,7 @@ def _training(config, arg):
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
   if arg.runlocal:
+    config.data.image_size = 32
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_epochs = None

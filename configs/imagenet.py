@@ -76,7 +76,13 @@ def _training(config, arg):
   config.seed = 0
   config.train_split = 'train'
   config.eval_split = 'validation'
-  config.data = dict(data_dir=config_dict.placeholder(str))
+  config.data = dict(  # experiments/data/imagenet.py load() kwargs
+      data_dir=config_dict.placeholder(str),  # TFDS data dir (None: default)
+      manual_dir=config_dict.placeholder(str),  # ILSVRC2012 tars, to prepare
+      image_size=config.input_shape[0],
+      randaugment_layers=2, randaugment_magnitude=9.0,  # chosen: N=2, M=9
+      shuffle_buffer=10_000,
+  )  # MixUp/CutMix run on the device (config.mixup), not in the pipeline.
   config.batch_size = 1024  # chosen
   config.eval_batch_size = 1024
   config.num_epochs = 120.0
@@ -113,10 +119,11 @@ def _training(config, arg):
 
 
 def sweep_cross_attends():
-  """Table 6: number and arrangement of cross-attends."""
+  """Table 6: number and arrangement of cross-attends (before the R = 8
+  latent blocks)."""
   for arrangement in ('start', 'interleaved'):
     for num in (1, 2, 4, 8):
-      yield {'model.num_blocks': num,
+      yield {'model.num_cross_attends': num,
              'model.cross_attend_arrangement': arrangement}
 
 

@@ -66,7 +66,12 @@ def _training(config, arg):
   config.seed = 0
   config.train_split = 'train'
   config.eval_split = 'test'
-  config.data = dict(data_dir=config_dict.placeholder(str))
+  config.data = dict(  # experiments/data/modelnet40.py load() kwargs
+      data_dir=config_dict.placeholder(str),  # TFDS data dir (None: default)
+      manual_dir=config_dict.placeholder(str),  # downloaded files, to prepare
+      variant='ply_hdf5_2048',
+      augment=True,  # paper: random per-point scale in [0.99, 1.01]
+  )
   config.batch_size = 512
   config.eval_batch_size = 512
   config.num_train_steps = 50_000

@@ -94,6 +94,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   dataset_module(config)
 
 
+def check_data(config, dataset) -> None:
+  """Asks the dataset for the size of both splits, so missing or unprepared
+  data is a one-line ConfigError before anything compiles."""
+  for split in (config.train_split, config.eval_split):
+    try:
+      count = dataset.num_examples(split, **config.data.to_dict())
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'dataset {config.dataset!r}, split {split!r}: '
+                        f'{_one_line(str(e))}') from None
+    if count <= 0:
+      raise ConfigError(f'dataset {config.dataset!r}, split {split!r} is '
+                        'empty.')
+
+
 def batch_sizes(config, mesh) -> tuple[int, int]:
   """Per-process (train, eval) batch sizes; ConfigError if they don't
   divide over the devices and processes."""
@@ -258,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = mesh or parallel.make_mesh()
   train_batch, _ = batch_sizes(config, mesh)
   dataset = dataset_module(config)
+  check_data(config, dataset)
   total_steps = num_train_steps(config, dataset)
   model = steps_lib.build_model(config)
   optimizer, schedule = optimizers.from_config(
@@ -315,21 +330,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 # ----------------------------------------------------------------- main ----
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config: configs/NAME.py[:ARG].',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for the config, checkpoints and metrics.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'Multi-process: HOST:PORT of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Multi-process: number of processes.')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'Multi-process: index of this process.')
-_DISTRIBUTED = flags.DEFINE_enum(
-    'distributed', 'auto', ['auto', 'true', 'false'],
-    'jax.distributed.initialize: auto = when a coordinator is given or on a '
-    'Cloud TPU VM; true = always (cluster auto-detection, e.g. SLURM).')
+def define_flags() -> None:
+  """The command line's flags; defined only when this module is the program,
+  so that others can import its functions next to their own flags."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config: configs/NAME.py[:ARG].',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None,
+                      'Directory for the config, checkpoints and metrics.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'Multi-process: HOST:PORT of process 0.')
+  flags.DEFINE_integer('num_processes', None,
+                       'Multi-process: number of processes.')
+  flags.DEFINE_integer('process_id', None,
+                       'Multi-process: index of this process.')
+  flags.DEFINE_enum(
+      'distributed', 'auto', ['auto', 'true', 'false'],
+      'jax.distributed.initialize: auto = when a coordinator is given or on '
+      'a Cloud TPU VM; true = always (cluster auto-detection, e.g. SLURM).')
 
 
 def _fail(message: str, code: int = 2):
@@ -386,7 +404,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is not None:
       config.keys()  # config_flags reports a file it could not load lazily.
   except OSError as e:
@@ -399,10 +417,11 @@ def main(argv):
     check_config(config)
   except ConfigError as e:
     _fail(str(e))
-  mode = _DISTRIBUTED.value
+  mode = flags.FLAGS.distributed
   if mode != 'false':
     parallel.initialize_distributed(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+        flags.FLAGS.process_id,
         auto=mode == 'true' or (mode == 'auto' and _on_cloud_tpu_vm()))
   try:
     result = train_and_evaluate(config, workdir)
@@ -415,4 +434,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -154,35 +154,39 @@ def report(name: str, train: dict[str, float], matmul: dict[str, float],
   ])
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config: configs/NAME.py[:ARG].',
-    lock_config=True)
-_WORKLOAD = flags.DEFINE_string('workload', None,
-                                'A registered preset instead of --config.')
-_BATCH = flags.DEFINE_integer('batch_size', None,
-                              'Global batch (default config.batch_size).')
-_ITERATIONS = flags.DEFINE_integer('iterations', 10, 'Timed steps.')
-_MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Matmul size N.')
+def define_flags() -> None:
+  """Flags of the command line (defined only when run as the program)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config: configs/NAME.py[:ARG].',
+      lock_config=True)
+  flags.DEFINE_string('workload', None,
+                      'A registered preset instead of --config.')
+  flags.DEFINE_integer('batch_size', None,
+                       'Global batch (default config.batch_size).')
+  flags.DEFINE_integer('iterations', 10, 'Timed steps.')
+  flags.DEFINE_integer('matmul_n', 2048, 'Matmul size N.')
 
 
 def main(argv):
   del argv
-  if _WORKLOAD.value:
-    if _WORKLOAD.value not in WORKLOADS:
-      raise app.UsageError(f'Unknown --workload={_WORKLOAD.value}; known: '
+  f = flags.FLAGS
+  if f.workload:
+    if f.workload not in WORKLOADS:
+      raise app.UsageError(f'Unknown --workload={f.workload}; known: '
                            f'{sorted(WORKLOADS)}.')
-    config, batch_size = WORKLOADS[_WORKLOAD.value]()
-    name = _WORKLOAD.value
-  elif _CONFIG.value is not None:
-    config, batch_size = _CONFIG.value, _BATCH.value
-    name = flags.FLAGS['config'].config_filename
+    config, batch_size = WORKLOADS[f.workload]()
+    name = f.workload
+  elif f.config is not None:
+    config, batch_size = f.config, f.batch_size
+    name = f['config'].config_filename
   else:
     raise app.UsageError('Give --config or --workload.')
-  train = benchmark_train_step(config, batch_size or _BATCH.value,
-                               iterations=_ITERATIONS.value)
-  matmul = benchmark_matmul(_MATMUL_N.value, iterations=_ITERATIONS.value)
-  print(report(name, train, matmul, _MATMUL_N.value), flush=True)
+  train = benchmark_train_step(config, f.batch_size or batch_size,
+                               iterations=f.iterations)
+  matmul = benchmark_matmul(f.matmul_n, iterations=f.iterations)
+  print(report(name, train, matmul, f.matmul_n), flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

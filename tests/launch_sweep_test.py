@@ -51,9 +51,9 @@ def test_dry_run_quotes_values_and_adds_overrides():
   argv = shlex.split(lines[-1])
   assert argv[1:] == [
       '-m', 'experiments.train', '--config=configs/imagenet.py:runlocal',
-      '--workdir=/tmp/root/07_num_blocks=8_cross_attend_arrangement='
+      '--workdir=/tmp/root/07_num_cross_attends=8_cross_attend_arrangement='
       'interleaved',
-      '--config.num_train_steps=5', '--config.model.num_blocks=8',
+      '--config.num_train_steps=5', '--config.model.num_cross_attends=8',
       '--config.model.cross_attend_arrangement=interleaved']
 
 

@@ -281,3 +281,41 @@ def test_eval_step_averages_clips_and_reports_map_inputs():
   np.testing.assert_allclose(out['scores'], expected, rtol=1e-5, atol=1e-6)
   assert float(out['sums']['count']) == 16 == math.fsum(batch['mask'])
   assert out['labels'].shape == (16, 4)
+
+
+# --------------------------------------------------------------- configs ----
+
+CONFIGS = ['imagenet', 'audioset', 'modelnet40', 'fashion_mnist']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_configs_have_training_sections_and_valid_sweeps(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'configs.{name}')
+  for arg in ('', 'runlocal', 'runlocal,synthetic'):
+    config = module.get_config(arg)
+    train.check_config(config)  # durations, data dirs, dataset module
+    assert config.loss in losses.LOSSES
+    assert config.schedule.kind in optimizers.SCHEDULE_KINDS
+  sweeps = [getattr(module, n) for n in dir(module) if n.startswith('sweep_')]
+  assert sweeps
+  config = module.get_config()
+  for sweep_fn in sweeps:
+    for point in sweep_fn():
+      for key, value in point.items():
+        node = config
+        for part in key.split('.'):
+          node = node[part]  # KeyError: the sweep names a missing field
+        assert node is None or type(node) is type(value), (key, value)
+
+
+def test_paper_optimizer_settings():
+  from configs import imagenet, modelnet40  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config()
+  assert config.optimizer.lr == 0.004 and config.num_epochs == 120
+  assert tuple(config.schedule.boundaries) == (84, 102, 114)
+  assert config.schedule.unit == 'epochs' and config.schedule.decay_factor == 0.1
+  config = modelnet40.get_config()
+  assert config.optimizer.lr == 1e-3 and config.schedule.kind == 'constant'
+  assert config.batch_size == 512 and config.num_train_steps == 50_000
