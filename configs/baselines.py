@@ -64,12 +64,12 @@ RESNET50 = dict(blocks_per_stage=(3, 4, 6, 3),
                 stage_channels=(256, 512, 1024, 2048), bottleneck=True,
                 stem_channels=64, stem_kernel_size=7, stem_stride=2,
                 stem_max_pool=True, bn_decay_rate=0.9, bn_eps=1e-5,
-                zero_init_residual=True)
+                zero_init_residual=False)  # LAMB: see perceiver/resnet.py
 # Small-image ResNet: 3x3 stride-1 stem, no max-pool, one basic block per stage.
 RESNET_SMALL = dict(blocks_per_stage=(1, 1, 1), stage_channels=(16, 32, 64),
                     bottleneck=False, stem_channels=16, stem_kernel_size=3,
                     stem_stride=1, stem_max_pool=False, bn_decay_rate=0.9,
-                    bn_eps=1e-5, zero_init_residual=True)
+                    bn_eps=1e-5, zero_init_residual=False)
 VIT_B = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
 VIT_SMALL = dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
 TRANSFORMER = dict(num_layers=6, num_channels=1024, num_heads=8,
@@ -144,6 +144,7 @@ def _point_models(config, arg, *, small: bool):
   """(input_name, input, model_name, model) of a ModelNet40 baseline."""
   points = config.input.to_dict()
   num_points = config.input_shape[0]
+  num_classes = config.model.num_classes
   if not arg.ff:
     raise ValueError('ff=false has no meaning for point clouds (xyz are the '
                      'positions).')
@@ -151,16 +152,18 @@ def _point_models(config, arg, *, small: bool):
     grid = (16, 16) if small else (44, 44)
     return ('point_grid', dict(points, grid_shape=grid, flatten=True),
             'transformer',
-            dict(num_classes=40,
+            dict(num_classes=num_classes,
                  **(TRANSFORMER_SMALL if small else TRANSFORMER)))
   grid = (16, num_points // 16) if small else (32, num_points // 32)
   inputs = dict(points, grid_shape=grid, flatten=False)
   if arg.model == 'resnet50':
     return ('point_grid', inputs, 'resnet',
-            dict(num_classes=40, **(RESNET_SMALL if small else RESNET50)))
+            dict(num_classes=num_classes,
+                 **(RESNET_SMALL if small else RESNET50)))
   patch = int(arg.model[len('vit_b'):])
   vit = dict(VIT_SMALL if small else VIT_B, patch_size=min(patch, grid[0]),
-             num_classes=40, dropout_rate=0.0, learned_position_embedding=False)
+             num_classes=num_classes, dropout_rate=0.0,
+             learned_position_embedding=False)
   return 'point_grid', inputs, 'vit', vit
 
 

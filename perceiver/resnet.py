@@ -19,6 +19,14 @@ offset included; the BN moving statistics are Haiku *state*, not parameters),
 the standard count. Concatenating F Fourier bands over 2 axes widens only the
 stem: + 7 * 7 * 2(2F+1) * 64 parameters (26,366,120 for F = 64).
 
+Initialisation: He-normal convolutions, BN scales 1 and offsets 0, a
+randomly initialised head (hk.Linear's default). Zero-initialised tensors (a
+zero head, or the zero last-BN scale of Goyal et al.'s `zero_init_residual`)
+barely move under LAMB, the runner's optimizer: its layer-wise trust ratio
+scales every update by the tensor's own norm, so a tensor starting at zero
+grows only geometrically from its first step's size (~lr). The option stays
+for SGD / Adam, off by default.
+
 BatchNorm keeps moving statistics, so a model with it must be transformed with
 `hk.transform_with_state` (experiments/modeling.build_model does so for every
 model). Under `jax.jit` over a device mesh the batch statistics are taken over
@@ -78,7 +86,7 @@ class ResidualBlock(hk.Module):
 
   def __init__(self, *, channels: int, stride: int, bottleneck: bool,
                bn_decay_rate: float = 0.9, bn_eps: float = 1e-5,
-               zero_init_residual: bool = True, name: str | None = None):
+               zero_init_residual: bool = False, name: str | None = None):
     super().__init__(name=name)
     self._channels = channels
     self._stride = stride
@@ -124,7 +132,7 @@ class ResNet(hk.Module):
                bottleneck: bool = True, stem_channels: int = 64,
                stem_kernel_size: int = 7, stem_stride: int = 2,
                stem_max_pool: bool = True, bn_decay_rate: float = 0.9,
-               bn_eps: float = 1e-5, zero_init_residual: bool = True,
+               bn_eps: float = 1e-5, zero_init_residual: bool = False,
                name: str | None = None):
     """Constructor.
 
@@ -144,7 +152,8 @@ class ResNet(hk.Module):
       bn_decay_rate: decay of the BN moving statistics (0.9 = torch's 0.1
         momentum).
       bn_eps: BN epsilon.
-      zero_init_residual: start each block's last BN scale at zero.
+      zero_init_residual: start each block's last BN scale at zero (Goyal et
+        al. 2017; not with LAMB, see the module docstring).
       name: module name.
     """
     super().__init__(name=name)
@@ -192,5 +201,5 @@ class ResNet(hk.Module):
             name=f'stage_{stage}_block_{block}')(
                 h, is_training=is_training)  # [B, H', W', E]
     pooled = jnp.mean(h, axis=(1, 2))  # [B, E]
-    return hk.Linear(self._num_classes, w_init=jnp.zeros,
-                     name='head')(pooled)  # [B, K]
+    # Random, not zero, init: see the module docstring.
+    return hk.Linear(self._num_classes, name='head')(pooled)  # [B, K]

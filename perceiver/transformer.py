@@ -11,7 +11,8 @@ Transformer: every token (a pixel of the downsampled image, or a point) is the
 raw value ++ its Fourier features, linearly projected to D; then L of the
 Perceiver's own self-attention layers (pre-LN, 8 heads, MLP widening 1: the
 latent Transformer's layer, attention.SelfAttention) over all M tokens; a final
-LayerNorm, the mean over M and a zero-initialised linear head. It is the
+LayerNorm, the mean over M and a linear head (randomly initialised: a zero
+tensor barely moves under LAMB's trust ratio, see perceiver/resnet.py). It is the
 Perceiver's latent Transformer applied to the inputs themselves instead of to
 latents. Paper-size choice (the paper does not give one): L = 6, D = 1024,
 8 heads, i.e. exactly one Perceiver latent Transformer. On 64x64 ImageNet
@@ -95,8 +96,7 @@ class Transformer(hk.Module):
     z = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
                      name='final_layer_norm')(z)  # [B, M, D]
     pooled = jnp.mean(z, axis=1)  # [B, D]
-    return hk.Linear(self._num_classes, w_init=jnp.zeros,
-                     name='head')(pooled)  # [B, K]
+    return hk.Linear(self._num_classes, name='head')(pooled)  # [B, K]
 
 
 class DownsampledImagePreprocessor(hk.Module):

@@ -28,12 +28,14 @@ concatenated to each flattened patch, is this model with patch_size=1 fed by
 Encoder: pre-LayerNorm blocks, multi-head self-attention then an MLP of width
 `mlp_dim` with exact GELU, dropout after the attention output and in the MLP
 (Dosovitskiy et al. 2021); a final LayerNorm; the class token's output is
-projected to K by a zero-initialised head.
+projected to K by the head. Unlike ViT's zero-initialised head and class
+token, both start random (hk.Linear's default; normal, std 0.02): under LAMB,
+the runner's optimizer, a tensor that starts at zero barely moves (its
+trust ratio scales updates by its own norm).
 """
 
 from __future__ import annotations
 
-import math
 
 import haiku as hk
 import jax
@@ -168,19 +170,19 @@ class ViT(hk.Module):
     embed = hk.Linear(d, w_init=hk.initializers.VarianceScaling(
         1.0, 'fan_in', 'truncated_normal'), name='patch_embedding')
     tokens = embed(patches)  # [B, T-1, D]
-    cls = hk.get_parameter('class_token', [1, 1, d], init=jnp.zeros)
+    cls = hk.get_parameter('class_token', [1, 1, d],
+                           init=hk.initializers.RandomNormal(0.02))
     tokens = jnp.concatenate(
         [jnp.broadcast_to(cls.astype(tokens.dtype), (b, 1, d)), tokens],
         axis=1)  # [B, T, D]
     if self._learned_position_embedding:
       pos = hk.get_parameter(
           'position_embedding', [1, num_patches + 1, d],
-          init=hk.initializers.RandomNormal(stddev=1 / math.sqrt(d)))
+          init=hk.initializers.RandomNormal(stddev=0.02))  # as in ViT
       tokens = tokens + pos.astype(tokens.dtype)  # [B, T, D]
     tokens = _dropout(tokens, self._dropout_rate, is_training)
     for i in range(self._num_layers):
       tokens = EncoderBlock(**self._block, name=f'encoder_block_{i}')(
           tokens, is_training=is_training)  # [B, T, D]
     tokens = _layer_norm('final_layer_norm')(tokens)  # [B, T, D]
-    return hk.Linear(self._num_classes, w_init=jnp.zeros,
-                     name='head')(tokens[:, 0])  # [B, K]
+    return hk.Linear(self._num_classes, name='head')(tokens[:, 0])  # [B, K]

@@ -164,7 +164,8 @@ def test_resnet_small_learns():
   templates = rng.normal(size=(10, 28, 28, 1)).astype(np.float32)
   x = templates[y] + 0.5 * _normal(32, 28, 28, 1)
   params, state = _jitted(model)[0](_KEY, x, is_training=True)
-  opt = optax.adam(1e-2)
+  # LAMB, the runner's optimizer: a zero-initialised head would not learn.
+  opt = optax.lamb(1e-2)
 
   def loss_fn(p, s):
     logits, s = model.apply(p, s, None, x, is_training=True)
