@@ -18,13 +18,12 @@ Rerunning the same command resumes from the latest checkpoint.
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -32,117 +31,44 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
-import numpy as np
 from ml_collections import config_flags
 
 from experiments import checkpointing
+from experiments import evaluation
 from experiments import flops as flops_lib
 from experiments import metric_writers
-from experiments import metrics as metrics_lib
 from experiments import modeling
 from experiments import optimizers
 from experiments import parallel
+from experiments import setup
 from experiments import steps as steps_lib
 
 TrainState = steps_lib.TrainState
 
 
-class ConfigError(ValueError):
-  """A config or command-line mistake, found before anything compiles."""
+ConfigError = setup.ConfigError
+# Re-exported for callers of the runner's API.
+check_config = setup.check_config
+dataset_module = setup.dataset_module
+num_train_steps = setup.num_train_steps
+steps_per_epoch_fn = setup.steps_per_epoch_fn
+evaluate = evaluation.evaluate
+evaluate_checkpoint = evaluation.evaluate_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or inf."""
 
 
-# ---------------------------------------------------------------- setup ----
-
-
-def dataset_module(config: ml_collections.ConfigDict):
-  """experiments.data.<config.dataset>, imported on demand."""
-  try:
-    return importlib.import_module(f'experiments.data.{config.dataset}')
-  except ModuleNotFoundError as e:
-    if e.name != f'experiments.data.{config.dataset}':
-      raise
-    known = sorted(os.path.basename(p)[:-3] for p in glob.glob(
-        os.path.join(os.path.dirname(__file__), 'data', '[a-z]*.py')))
-    raise ConfigError(f'Unknown dataset {config.dataset!r}: no module '
-                      f'experiments/data/{config.dataset}.py (known: '
-                      f'{known}).') from None
-
-
-def check_data_dirs(config: ml_collections.ConfigDict) -> None:
-  """Every config.data.*_dir that is set must be an existing directory."""
-  for key, value in config.data.items():
-    if key.endswith('_dir') and value is not None:
-      if not epath.Path(value).is_dir():
-        raise ConfigError(f'config.data.{key}={value!r} is not an existing '
-                          'directory.')
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Checks that need no devices: durations, data dirs, dataset module."""
-  if (config.num_train_steps is None) == (config.num_epochs is None):
-    raise ConfigError('Set exactly one of config.num_train_steps and '
-                      f'config.num_epochs (got {config.num_train_steps} and '
-                      f'{config.num_epochs}).')
-  for key in ('log_every_steps', 'checkpoint_every_steps'):
-    if config[key] <= 0:
-      raise ConfigError(f'config.{key}={config[key]} must be positive.')
-  check_data_dirs(config)
-  dataset_module(config)
-
-
-def check_data(config, dataset) -> None:
-  """Asks the dataset for the size of both splits, so missing or unprepared
-  data is a one-line ConfigError before anything compiles."""
-  for split in (config.train_split, config.eval_split):
-    try:
-      count = dataset.num_examples(split, **config.data.to_dict())
-    except (OSError, ValueError) as e:
-      raise ConfigError(f'dataset {config.dataset!r}, split {split!r}: '
-                        f'{_one_line(str(e))}') from None
-    if count <= 0:
-      raise ConfigError(f'dataset {config.dataset!r}, split {split!r} is '
-                        'empty.')
-
-
-def batch_sizes(config, mesh) -> tuple[int, int]:
-  """Per-process (train, eval) batch sizes; ConfigError if they don't
-  divide over the devices and processes."""
-  try:
-    return (parallel.check_batch_size(config.batch_size, mesh,
-                                      jax.process_count(), 'batch_size'),
-            parallel.check_batch_size(config.eval_batch_size, mesh,
-                                      jax.process_count(), 'eval_batch_size'))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def steps_per_epoch_fn(config, dataset) -> Callable[[], float]:
-  """Steps in one epoch of the training split (asks the dataset lazily)."""
-  def steps_per_epoch() -> float:
-    num = dataset.num_examples(config.train_split, **config.data.to_dict())
-    return num / config.batch_size
-  return steps_per_epoch
-
-
-def num_train_steps(config, dataset) -> int:
-  if config.num_train_steps is not None:
-    return int(config.num_train_steps)
-  return optimizers.to_steps(config.num_epochs, 'epochs',
-                             steps_per_epoch_fn(config, dataset))
-
-
-def static_facts(config, model, params) -> dict[str, float]:
+def static_facts(config, model, params, model_state) -> dict[str, float]:
   """Parameter count and forward FLOPs per example (paper's counting),
   computed once on the host from shapes."""
   inputs = modeling.example_inputs(config, batch_size=1)
-  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
-                          params)
-  forward = lambda p, x: model.apply(p, {}, None, x, is_training=False)[0]
-  fwd_flops, _ = flops_lib.count_flops(forward, abstract, inputs)
+  shapes = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  forward = lambda p, s, x: model.apply(p, s, None, x, is_training=False)[0]
+  fwd_flops, _ = flops_lib.count_flops(forward, shapes(params),
+                                       shapes(model_state), inputs)
   return {'num_params': modeling.count_params(params),
           'gflops_per_example_forward': fwd_flops / 1e9,
           'num_devices': jax.device_count(),
@@ -163,38 +89,6 @@ def restore_or_init(config, model, optimizer, mesh,
   abstract = steps_lib.abstract_train_state(config, model, optimizer, mesh)
   restored = checkpointer.restore(abstract._asdict(), step)
   return TrainState(**restored)
-
-
-# ----------------------------------------------------------- evaluation ----
-
-
-def evaluate(config, state: TrainState, eval_step, dataset, mesh, *,
-             split: Optional[str] = None) -> dict[str, float]:
-  """Metrics over the whole evaluation split, each example counted once:
-  top1, top5, loss, num_examples, and map for multi-label data."""
-  split = split or config.eval_split
-  _, eval_batch = batch_sizes(config, mesh)
-  batches = dataset.load(split, batch_size=eval_batch, is_training=False,
-                         seed=config.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(),
-                         **config.data.to_dict())
-  sums, scores, labels = None, [], []
-  for local_batch in batches:
-    out = eval_step(state.params, state.state,
-                    parallel.global_batch(local_batch, mesh))
-    sums = out['sums'] if sums is None else jax.tree.map(
-        lambda a, b: a + b, sums, out['sums'])
-    if 'scores' in out:
-      keep = parallel.fetch(out['mask'])
-      scores.append(parallel.fetch(out['scores'])[keep])
-      labels.append(parallel.fetch(out['labels'])[keep])
-  if sums is None:
-    raise ValueError(f'Evaluation split {split!r} yielded no batches.')
-  result = metrics_lib.finalize(parallel.fetch(sums))
-  if scores:
-    result['map'] = metrics_lib.mean_average_precision(
-        np.concatenate(scores), np.concatenate(labels))
-  return result
 
 
 # ----------------------------------------------------------------- loop ----
@@ -270,9 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   request ended the run early."""
   check_config(config)
   mesh = mesh or parallel.make_mesh()
-  train_batch, _ = batch_sizes(config, mesh)
+  train_batch, _ = setup.batch_sizes(config, mesh)
   dataset = dataset_module(config)
-  check_data(config, dataset)
+  setup.check_data(config, dataset)
   total_steps = num_train_steps(config, dataset)
   model = steps_lib.build_model(config)
   optimizer, schedule = optimizers.from_config(
@@ -289,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = restore_or_init(config, model, optimizer, mesh, checkpointer)
   writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
   start = int(parallel.fetch(state.step))
-  facts = static_facts(config, model, state.params)
+  facts = static_facts(config, model, state.params, state.state)
   facts.update(total_steps=total_steps, global_batch_size=config.batch_size)
   metric_writers.log_scalars('static', start, facts)
   writer.write_scalars(start, facts)
@@ -356,23 +250,12 @@ def _fail(message: str, code: int = 2):
   sys.exit(code)
 
 
-def _one_line(text: str) -> str:
-  """First line of an error message, plus its last line when the first only
-  announces it ('Error whilst parsing config file:')."""
-  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-  if not lines:
-    return 'unknown error'
-  if lines[0].endswith(':') and len(lines) > 1:
-    return f'{lines[0]} {lines[-1]}'
-  return lines[0]
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with flag/override errors on one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(_one_line(str(e)))
+    _fail(setup.one_line(str(e)))
   except (AttributeError, KeyError) as e:
     # config_flags: an override of a field the config does not have.
     text = str(e).encode().decode('unicode_escape')
@@ -385,7 +268,7 @@ def parse_flags(argv: list[str]) -> list[str]:
           (f' {hint.group(0)}' if hint else ''))
   except (ValueError, TypeError) as e:
     # config_flags: a bad config argument or override value.
-    _fail(_one_line(str(e)))
+    _fail(setup.one_line(str(e)))
 
 
 def _on_cloud_tpu_vm() -> bool:

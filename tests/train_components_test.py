@@ -319,3 +319,22 @@ def test_paper_optimizer_settings():
   config = modelnet40.get_config()
   assert config.optimizer.lr == 1e-3 and config.schedule.kind == 'constant'
   assert config.batch_size == 512 and config.num_train_steps == 50_000
+
+
+def test_durations_in_epochs_use_the_dataset_size():
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = testing.get_config()
+  config.num_train_steps = None
+  config.num_epochs = 2.5  # 64 training examples at batch 16: 4 steps/epoch
+  assert train.num_train_steps(config, synthetic) == 10
+  config.schedule.update(kind='piecewise', boundaries=(1, 2), unit='epochs',
+                         warmup=0)
+  _, schedule = optimizers.from_config(
+      config, total_steps=10,
+      steps_per_epoch=train.steps_per_epoch_fn(config, synthetic))
+  lr = config.optimizer.lr
+  assert [float(schedule(s)) for s in (3, 4, 7, 8)] == pytest.approx(
+      [lr, lr * 0.1, lr * 0.1, lr * 0.01])
+  config.num_train_steps = 10
+  with pytest.raises(train.ConfigError, match='exactly one of'):
+    train.check_config(config)

@@ -261,3 +261,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
            for err in errs]
   assert steps[0] == steps[1] == testing.checkpoint_steps(workdir)[-1]
   assert steps[0] < TOTAL_STEPS
+
+
+def test_evaluate_checkpoint_reproduces_the_final_metrics(reference):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  result = train.evaluate_checkpoint(testing.get_config(), reference)
+  with open(os.path.join(reference, 'final_metrics.json')) as f:
+    final = json.load(f)
+  assert result['step'] == final['step'] == TOTAL_STEPS
+  for key in ('top1', 'top5', 'num_examples'):
+    assert result[key] == final[key], key
+  assert result['loss'] == pytest.approx(final['loss'], abs=1e-5)
+  at_8 = train.evaluate_checkpoint(testing.get_config(), reference, step=8)
+  assert at_8['step'] == 8 and at_8['num_examples'] == 20
