@@ -2,27 +2,119 @@
 
 Shapes:
   B  batch
-  M  inputs (byte array length)           C  input channels
+  M  inputs (byte array length)           C  input channels (c raw + p position)
   N  latents (queries)                    D  latent channels
   H  heads                                Q / V  per-head query-key / value width
+  E  fused projection width
 
 Every block is pre-LayerNorm with residuals (GPT-2 style) and is followed by an
 MLP block (LN -> Linear -> GELU -> Linear -> residual). No masks, no dropout
 (paper v2).
+
+Speed without new mathematics: the keys and values of a cross-attend come from
+one fused [C, H(Q + V)] projection, and so do a self-attention's queries, keys
+and values. A byte array given as a `FactoredByteArray` (raw channels per
+example, position features shared by the batch) is projected without ever
+forming [B, M, C]: LayerNorm(u) W + b is computed as
+
+  rsqrt(var_u + eps) * (raw W'_raw + pos W'_pos - mean_u * sum_c W'_c)
+      + (offset W + b),        W' = scale[:, None] * W,
+
+so the position features are projected once per batch instead of once per
+example. Parameters are those of hk.LayerNorm / hk.Linear under the same names
+('input_layer_norm', 'key', 'value', ...), whichever path runs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
+LN_EPS = 1e-5  # hk.LayerNorm's default
 
-def _layer_norm(name: str) -> hk.LayerNorm:
-  return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
+
+class FactoredByteArray(NamedTuple):
+  """The byte array concat([raw, broadcast(pos)], axis=-1), in two parts.
+
+  raw: [B, M, c] per-example channels; pos: [M, p] position features, the same
+  for every example. Behaves as a [B, M, c + p] array for the Perceiver.
+  """
+  raw: jax.Array
+  pos: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    b, m, c = self.raw.shape
+    return (b, m, c + self.pos.shape[-1])
+
+  @property
+  def ndim(self) -> int:
+    return 3
+
+  @property
+  def dtype(self):
+    return self.raw.dtype
+
+  def dense(self) -> jax.Array:
+    b, m, _ = self.raw.shape
+    pos = jnp.broadcast_to(self.pos.astype(self.raw.dtype),
+                           (b,) + self.pos.shape)
+    return jnp.concatenate([self.raw, pos], axis=-1)  # [B, M, C]
+
+
+def as_dense(x) -> jax.Array:
+  """[B, M, C] from a dense or factored byte array."""
+  return x.dense() if isinstance(x, FactoredByteArray) else x
+
+
+def _linear_params(name: str, in_dim: int, out_dim: int):
+  """hk.Linear's parameters ('name/w', 'name/b') and initialisers."""
+  with hk.name_scope(name):
+    w = hk.get_parameter('w', [in_dim, out_dim], init=hk.initializers.
+                         TruncatedNormal(stddev=1.0 / math.sqrt(in_dim)))
+    b = hk.get_parameter('b', [out_dim], init=jnp.zeros)
+  return w, b
+
+
+def _layer_norm_params(name: str, dim: int):
+  """hk.LayerNorm's parameters ('name/scale', 'name/offset')."""
+  with hk.name_scope(name):
+    scale = hk.get_parameter('scale', [dim], init=jnp.ones)
+    offset = hk.get_parameter('offset', [dim], init=jnp.zeros)
+  return scale, offset
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+  """hk.LayerNorm over the last axis (eps 1e-5), as a pure function."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + offset
+
+
+def normalized_projection(inputs, scale, offset, w, b) -> jax.Array:
+  """LayerNorm(inputs) @ w + b for a dense [B, M, C] or factored byte array.
+
+  Returns [B, M, E]. The factored path never forms [B, M, C] and projects the
+  position features once (see the module docstring).
+  """
+  if not isinstance(inputs, FactoredByteArray):
+    return layer_norm(inputs, scale, offset) @ w + b  # [B, M, E]
+  raw, pos = inputs.raw, inputs.pos.astype(inputs.raw.dtype)
+  c, total = raw.shape[-1], inputs.shape[-1]
+  mean = (raw.sum(-1) + pos.sum(-1)) / total  # [B, M]
+  sq_mean = (jnp.square(raw).sum(-1) + jnp.square(pos).sum(-1)) / total
+  inv = jax.lax.rsqrt(jnp.maximum(sq_mean - jnp.square(mean), 0.0)
+                      + LN_EPS)  # [B, M]
+  w_scaled = scale[:, None] * w  # [C, E]
+  projected = (jnp.einsum('bmc,ce->bme', raw, w_scaled[:c])  # [B, M, E]
+               + pos @ w_scaled[c:]  # [M, E], once for the batch
+               - mean[..., None] * w_scaled.sum(0))
+  return inv[..., None] * projected + (offset @ w + b)  # [B, M, E]
 
 
 def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -70,7 +162,7 @@ class MLP(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
-    h = _layer_norm('layer_norm')(x)
+    h = layer_norm(x, *_layer_norm_params('layer_norm', channels))
     h = hk.Linear(self._widening_factor * channels, name='hidden')(h)  # [..., wD]
     h = jax.nn.gelu(h)
     h = hk.Linear(channels, name='output')(h)  # [..., D]
@@ -84,6 +176,13 @@ def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     raise ValueError(f'Attention width {width} is not divisible by '
                      f'num_heads={num_heads}.')
   return x.reshape(b, t, num_heads, width // num_heads)
+
+
+def _fused(names_and_widths, in_dim: int):
+  """Concatenated [in, sum widths] weights and biases of several hk.Linears."""
+  params = [_linear_params(n, in_dim, w) for n, w in names_and_widths]
+  return (jnp.concatenate([w for w, _ in params], axis=1),
+          jnp.concatenate([b for _, b in params]))
 
 
 class CrossAttention(hk.Module):
@@ -117,64 +216,80 @@ class CrossAttention(hk.Module):
     self._widening_factor = widening_factor
     self._chunk_size = chunk_size
 
-  def __call__(self, latents: jax.Array, inputs: jax.Array, *,
+  def __call__(self, latents: jax.Array, inputs, *,
                return_logits: bool = False):
     """Cross-attends.
 
     Args:
       latents: [B, N, D].
-      inputs: [B, M, C] byte array.
+      inputs: [B, M, C] byte array, or a FactoredByteArray of that shape.
       return_logits: also return the [B, H, N, M] pre-softmax logits.
 
     Returns:
       [B, N, D] updated latents (and the logits if asked for).
     """
-    _, _, d = latents.shape
+    b, n, d = latents.shape
     _, m, c = inputs.shape
-    qk_channels = self._qk_channels or min(c, d)
-    v_channels = self._v_channels or qk_channels
+    qk = self._qk_channels or min(c, d)
+    vc = self._v_channels or qk
     h = self._num_heads
 
-    q = hk.Linear(qk_channels, name='query')(
-        _layer_norm('query_layer_norm')(latents))  # [B, N, H*Q]
-    q = _split_heads(q, h)  # [B, N, H, Q]
-    key_layer = hk.Linear(qk_channels, name='key')
-    value_layer = hk.Linear(v_channels, name='value')
-    input_norm = _layer_norm('input_layer_norm')
+    w_q, b_q = _linear_params('query', d, qk)
+    q = layer_norm(latents, *_layer_norm_params('query_layer_norm', d))
+    q = _split_heads(q @ w_q + b_q, h)  # [B, N, H, Q]
+    ln = _layer_norm_params('input_layer_norm', c)
+    w_kv, b_kv = _fused([('key', qk), ('value', vc)], c)  # [C, QK + V]
+
+    def project(x):
+      kv = normalized_projection(x, *ln, w_kv, b_kv)  # [B, m, QK + V]
+      return _split_heads(kv[..., :qk], h), _split_heads(kv[..., qk:], h)
 
     if self._chunk_size is None or self._chunk_size >= m:
-      x = input_norm(inputs)  # [B, M, C]
-      k = _split_heads(key_layer(x), h)  # [B, M, H, Q]
-      v = _split_heads(value_layer(x), h)  # [B, M, H, V]
+      k, v = project(inputs)  # [B, M, H, Q], [B, M, H, V]
       result = attend(q, k, v, return_logits=return_logits)
       out, logits = result if return_logits else (result, None)
     else:
       if return_logits:
         raise ValueError('return_logits is not available with chunk_size set: '
                          'the chunked path never holds the full logits.')
-      project = functools.partial(_chunk_kv, input_norm, key_layer,
-                                  value_layer, h)
-      if hk.running_init():
-        project(inputs[:, :1])  # create the parameters outside the scan
       out = chunked_attend(q, inputs, project, chunk_size=self._chunk_size,
-                           v_channels=v_channels // h)
+                           v_channels=vc // h)
       logits = None
 
-    b, n = out.shape[:2]
-    out = hk.Linear(d, name='output')(out.reshape(b, n, -1))  # [B, N, D]
+    out = hk.Linear(d, name='output')(out.reshape(b, n, vc))  # [B, N, D]
     z = latents + out
     z = MLP(widening_factor=self._widening_factor, name='mlp')(z)
     return (z, logits) if return_logits else z
 
 
-def _chunk_kv(input_norm, key_layer, value_layer, num_heads, x):
-  x = input_norm(x)  # [B, m, C]
-  return (_split_heads(key_layer(x), num_heads),  # [B, m, H, Q]
-          _split_heads(value_layer(x), num_heads))  # [B, m, H, V]
+def _chunks(inputs, chunk_size: int):
+  """Pads M up to a multiple of chunk_size; splits it into S chunks.
+
+  Returns the chunks (leading axis S: [S, B, m, C], or a FactoredByteArray of
+  [S, B, m, c] and [S, m, p]) and the [S, m] mask of real (unpadded) inputs.
+  """
+  m = inputs.shape[1]
+  num_chunks = -(-m // chunk_size)
+  pad = num_chunks * chunk_size - m
+
+  def split(x, axis):  # M on `axis` -> [S, ..., m, ...]
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    x = jnp.pad(x, widths)
+    x = x.reshape(x.shape[:axis] + (num_chunks, chunk_size) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  if isinstance(inputs, FactoredByteArray):
+    chunks = FactoredByteArray(split(inputs.raw, 1), split(inputs.pos, 0))
+  else:
+    chunks = split(inputs, 1)
+  valid = (jnp.arange(num_chunks * chunk_size) < m).reshape(
+      num_chunks, chunk_size)  # [S, m]
+  return chunks, valid
 
 
-def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
-                   chunk_size: int, v_channels: int) -> jax.Array:
+def chunked_attend(q: jax.Array, inputs, project, *, chunk_size: int,
+                   v_channels: int) -> jax.Array:
   """Attention over the byte array in chunks, with an online softmax.
 
   K and V are projected chunk by chunk inside a rematerialised scan body, so
@@ -183,28 +298,23 @@ def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
 
   Args:
     q: [B, N, H, Q] queries.
-    inputs: [B, M, C] byte array; M is padded up to a multiple of chunk_size
-      and the padding is excluded from the softmax.
-    project: maps a [B, m, C] chunk to (k [B, m, H, Q], v [B, m, H, V]).
+    inputs: [B, M, C] byte array (or FactoredByteArray); M is padded up to a
+      multiple of chunk_size and the padding is excluded from the softmax.
+    project: maps a chunk of the inputs ([B, m, C]) to (k [B, m, H, Q],
+      v [B, m, H, V]).
     chunk_size: inputs per chunk.
     v_channels: V, the per-head value width `project` gives.
 
   Returns:
     [B, N, H, V], equal to `attend(q, k, v)` to float tolerance.
   """
-  b, m, c = inputs.shape
-  num_chunks = -(-m // chunk_size)
-  pad = num_chunks * chunk_size - m
-  x = jnp.pad(inputs, ((0, 0), (0, pad), (0, 0)))
-  x = x.reshape(b, num_chunks, chunk_size, c).swapaxes(0, 1)  # [S, B, m, C]
-  valid = (jnp.arange(num_chunks * chunk_size) < m).reshape(
-      num_chunks, chunk_size)  # [S, m]
-  n, h = q.shape[1], q.shape[2]
+  b, n, h, _ = q.shape
+  chunks, valid = _chunks(inputs, chunk_size)
 
   def body(carry, chunk):
     running_max, denom, acc = carry  # [B, H, N], [B, H, N], [B, N, H, V]
-    xc, valid_c = chunk
-    k, v = project(xc)
+    x, valid_c = chunk
+    k, v = project(x)
     logits = attention_logits(q, k).astype(jnp.float32)  # [B, H, N, m]
     logits = jnp.where(valid_c, logits, -jnp.inf)
     new_max = jnp.maximum(running_max, logits.max(axis=-1))
@@ -218,8 +328,7 @@ def chunked_attend(q: jax.Array, inputs: jax.Array, project, *,
   init = (jnp.full((b, h, n), -jnp.inf, jnp.float32),
           jnp.zeros((b, h, n), jnp.float32),
           jnp.zeros((b, n, h, v_channels), jnp.float32))
-  body = hk.remat(body)
-  (_, denom, acc), _ = hk.scan(body, init, (x, valid))
+  (_, denom, acc), _ = hk.scan(hk.remat(body), init, (chunks, valid))
   out = acc / denom.transpose(0, 2, 1)[..., None]  # [B, N, H, V]
   return out.astype(q.dtype)
 
@@ -248,14 +357,16 @@ class SelfAttention(hk.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     """[B, N, D] -> [B, N, D]."""
     b, n, d = z.shape
-    qk_channels = self._qk_channels or d
-    v_channels = self._v_channels or qk_channels
+    qk = self._qk_channels or d
+    vc = self._v_channels or qk
     h = self._num_heads
-    x = _layer_norm('layer_norm')(z)  # [B, N, D]
-    q = _split_heads(hk.Linear(qk_channels, name='query')(x), h)  # [B, N, H, Q]
-    k = _split_heads(hk.Linear(qk_channels, name='key')(x), h)  # [B, N, H, Q]
-    v = _split_heads(hk.Linear(v_channels, name='value')(x), h)  # [B, N, H, V]
+    x = layer_norm(z, *_layer_norm_params('layer_norm', d))  # [B, N, D]
+    w, bias = _fused([('query', qk), ('key', qk), ('value', vc)], d)
+    qkv = x @ w + bias  # [B, N, 2QK + V], one matmul
+    q = _split_heads(qkv[..., :qk], h)  # [B, N, H, Q]
+    k = _split_heads(qkv[..., qk:2 * qk], h)  # [B, N, H, Q]
+    v = _split_heads(qkv[..., 2 * qk:], h)  # [B, N, H, V]
     out = attend(q, k, v)  # [B, N, H, V]
-    out = hk.Linear(d, name='output')(out.reshape(b, n, -1))  # [B, N, D]
+    out = hk.Linear(d, name='output')(out.reshape(b, n, vc))  # [B, N, D]
     z = z + out
     return MLP(widening_factor=self._widening_factor, name='mlp')(z)

@@ -153,7 +153,7 @@ class Perceiver(hk.Module):
     """Classifies a byte array.
 
     Args:
-      inputs: [B, M, C] byte array.
+      inputs: [B, M, C] byte array (or a FactoredByteArray of that shape).
       is_training: unused (no dropout in paper v2); kept for a uniform API.
       return_attention: also return the list of X pre-softmax cross-attention
         logits, each [B, H, N, M] (paper Fig. 3).
@@ -198,6 +198,7 @@ class Perceiver(hk.Module):
         z = transformers[i](z)  # [B, N, D]
 
     pooled = jnp.mean(z, axis=1)  # [B, D]
-    logits = hk.Linear(self._num_classes, w_init=jnp.zeros,
-                       name='head')(pooled)  # [B, K]
+    # Not zero-initialised: LAMB scales each update by the parameter's norm,
+    # so a zero head would barely move.
+    logits = hk.Linear(self._num_classes, name='head')(pooled)  # [B, K]
     return (logits, attention_maps) if return_attention else logits

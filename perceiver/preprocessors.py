@@ -7,7 +7,11 @@ Shapes:
 
 Position features are always computed from the shape of the array the
 preprocessor is given (for images: the crop), never from outside state, and
-are concatenated to the raw channels (not added), as in the paper.
+are concatenated to the raw channels (not added), as in the paper. With
+`factored=True` the concatenation is left to the consumer: the result is a
+`FactoredByteArray(raw [B, M, c], pos [M, p])`, the same byte array, which the
+Perceiver's cross-attends project without repeating the position features'
+share for every example (perceiver/attention.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver import position_encoding
+from perceiver.attention import as_dense
+from perceiver.attention import FactoredByteArray
 
 POSITION_ENCODINGS = ('fourier', 'learned', 'none')
 
@@ -60,9 +66,13 @@ class _PositionFeatures(hk.Module):
       return position_encoding.num_fourier_channels(num_dims, self._num_bands)
     return self._learned_channels if self._kind == 'learned' else 0
 
-  def __call__(self, x: jax.Array, index_dims: Sequence[int]) -> jax.Array:
-    """x: [B, M, C] with M = prod(index_dims) -> [B, M, C + pos channels]."""
+  def __call__(self, x: jax.Array, index_dims: Sequence[int], *,
+               factored: bool = False):
+    """x: [B, M, C] with M = prod(index_dims) -> [B, M, C + pos channels]
+    (a FactoredByteArray of that shape with `factored`)."""
     b, m, _ = x.shape
+    if self._kind == 'none':
+      return FactoredByteArray(x, jnp.zeros((m, 0), x.dtype)) if factored else x
     if self._kind == 'fourier':
       # A None max resolution means "the grid itself": mu_d = the axis size.
       mu = self._max_resolution or index_dims
@@ -72,15 +82,13 @@ class _PositionFeatures(hk.Module):
       feats = position_encoding.fourier_features(
           pos, num_bands=self._num_bands, max_resolution=mu)
       feats = jnp.asarray(feats.reshape(m, -1), x.dtype)  # [M, d(2F+1)]
-      feats = jnp.broadcast_to(feats, (b,) + feats.shape)
-    elif self._kind == 'learned':
+    else:
       feats = position_encoding.LearnedPositionEncoding(
           num_positions=m, num_channels=self._learned_channels,
-          init_scale=self._learned_init_scale, name='learned_pos')(b)
-      feats = feats.astype(x.dtype)
-    else:
-      return x
-    return jnp.concatenate([x, feats], axis=-1)  # [B, M, C + pos]
+          init_scale=self._learned_init_scale, name='learned_pos')()
+      feats = feats.astype(x.dtype)  # [M, p]
+    factored_array = FactoredByteArray(x, feats)
+    return factored_array if factored else factored_array.dense()
 
 
 class ImagePreprocessor(hk.Module):
@@ -97,7 +105,8 @@ class ImagePreprocessor(hk.Module):
                max_resolution: Sequence[float] | None = (224, 224),
                learned_channels: int = 128, learned_init_scale: float = 1.0,
                patch_size: int = 1, permutation_seed: int | None = None,
-               flatten: bool = True, name: str | None = None):
+               flatten: bool = True, factored: bool = False,
+               name: str | None = None):
     """Constructor.
 
     Args:
@@ -110,10 +119,14 @@ class ImagePreprocessor(hk.Module):
       patch_size: side of square patches flattened into one input (1 = pixels).
       permutation_seed: if set, apply the fixed permutation of this seed.
       flatten: return [B, M, C] (True) or keep the grid (False).
+      factored: return a FactoredByteArray (flattened only).
       name: module name.
     """
     super().__init__(name=name)
+    if factored and not flatten:
+      raise ValueError('ImagePreprocessor: factored=True needs flatten=True.')
     self._input_channels = input_channels
+    self._factored = factored
     self._patch_size = patch_size
     self._permutation_seed = permutation_seed
     self._flatten = flatten
@@ -133,10 +146,14 @@ class ImagePreprocessor(hk.Module):
     gh, gw = height // p, width // p
     x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, gh * gw, p * p * c)  # [B, M, p*p*C]
-    x = _PositionFeatures(**self._pos, name='position')(x, (gh, gw))
+    x = _PositionFeatures(**self._pos, name='position')(
+        x, (gh, gw), factored=self._factored)
     if self._permutation_seed is not None:
       perm = fixed_permutation(gh * gw, self._permutation_seed)
-      x = x[:, perm]  # [B, M, C']
+      if self._factored:  # pixels move together with their positions
+        x = FactoredByteArray(x.raw[:, perm], x.pos[perm])
+      else:
+        x = x[:, perm]  # [B, M, C']
     return x if self._flatten else x.reshape(b, gh, gw, -1)
 
 
@@ -150,8 +167,9 @@ class AudioPreprocessor(hk.Module):
                position_encoding: str = 'fourier', num_bands: int = 192,
                max_resolution: Sequence[float] | None = None,
                learned_channels: int = 128, learned_init_scale: float = 1.0,
-               name: str | None = None):
+               factored: bool = False, name: str | None = None):
     super().__init__(name=name)
+    self._factored = factored
     self._samples_per_patch = samples_per_patch
     self._pos = dict(position_encoding_kind=position_encoding,
                      num_bands=num_bands, max_resolution=max_resolution,
@@ -166,7 +184,8 @@ class AudioPreprocessor(hk.Module):
       raise ValueError(f'Audio length {t} is not divisible by '
                        f'samples_per_patch={s}.')
     x = audio.reshape(b, t // s, s)  # [B, M, s]
-    return _PositionFeatures(**self._pos, name='position')(x, (t // s,))
+    return _PositionFeatures(**self._pos, name='position')(
+        x, (t // s,), factored=self._factored)
 
 
 class SpectrogramPreprocessor(hk.Module):
@@ -180,8 +199,9 @@ class SpectrogramPreprocessor(hk.Module):
                position_encoding: str = 'fourier', num_bands: int = 32,
                max_resolution: Sequence[float] | None = None,
                learned_channels: int = 128, learned_init_scale: float = 1.0,
-               name: str | None = None):
+               factored: bool = False, name: str | None = None):
     super().__init__(name=name)
+    self._factored = factored
     self._patch_size = tuple(patch_size)
     self._pos = dict(position_encoding_kind=position_encoding,
                      num_bands=num_bands, max_resolution=max_resolution,
@@ -199,7 +219,7 @@ class SpectrogramPreprocessor(hk.Module):
     x = spectrogram.reshape(b, t // pt, pt, f // pf, pf).transpose(0, 1, 3, 2, 4)
     x = x.reshape(b, (t // pt) * (f // pf), pt * pf)  # [B, M, pt*pf]
     return _PositionFeatures(**self._pos, name='position')(
-        x, (t // pt, f // pf))
+        x, (t // pt, f // pf), factored=self._factored)
 
 
 class VideoPreprocessor(hk.Module):
@@ -214,8 +234,9 @@ class VideoPreprocessor(hk.Module):
                position_encoding: str = 'fourier', num_bands: int = 32,
                max_resolution: Sequence[float] | None = None,
                learned_channels: int = 128, learned_init_scale: float = 1.0,
-               name: str | None = None):
+               factored: bool = False, name: str | None = None):
     super().__init__(name=name)
+    self._factored = factored
     self._patch_size = tuple(patch_size)
     self._input_channels = input_channels
     self._pos = dict(position_encoding_kind=position_encoding,
@@ -235,14 +256,15 @@ class VideoPreprocessor(hk.Module):
     x = video.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
     x = x.reshape(b, int(np.prod(grid)), pt * ph * pw * c)  # [B, M, pt*ph*pw*C]
-    return _PositionFeatures(**self._pos, name='position')(x, grid)
+    return _PositionFeatures(**self._pos, name='position')(
+        x, grid, factored=self._factored)
 
 
 class PointCloudPreprocessor(hk.Module):
   """Points [B, P, 3] -> xyz ++ Fourier features of the coordinates themselves.
 
   ModelNet40: 64 bands, max resolution 2240 ("max frequency 1120") per axis:
-  C = 3 + 3 * (2 * 64 + 1) = 390.
+  C = 3 * (2 * 64 + 1) = 387 (xyz once, then 3 x 64 sines and cosines).
   """
 
   def __init__(self, *, num_bands: int = 64,
@@ -280,7 +302,8 @@ class MultimodalPreprocessor(hk.Module):
     if set(inputs) != set(self._modalities):
       raise ValueError(f'MultimodalPreprocessor expects inputs with keys '
                        f'{sorted(self._modalities)}, got {sorted(inputs)}.')
-    arrays = {k: pre(inputs[k]) for k, pre in self._modalities.items()}
+    arrays = {k: as_dense(pre(inputs[k]))
+              for k, pre in self._modalities.items()}
     width = max(a.shape[-1] for a in arrays.values()) + self._min_padding
     padded = []
     for key in sorted(arrays):  # audio first, then video

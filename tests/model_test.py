@@ -24,7 +24,7 @@ def _perceiver(inputs, return_attention=False, **kwargs):
   f = hk.transform(lambda x: perceiver.Perceiver(**{**SMALL, **kwargs})(
       x, is_training=False, return_attention=return_attention))
   params = f.init(jax.random.key(0), inputs)
-  # The zero-initialised head would make every output zero: perturb it.
+  # Non-trivial LayerNorm scales and offsets.
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(
       jax.random.key(1), p.shape), params)
   return f, params
@@ -156,7 +156,8 @@ def test_cross_attend_width_defaults_to_smaller_input_width():
   lat = p['perceiver']['latents']
   assert float(jnp.abs(lat).max()) <= 0.04 + 1e-6
   assert float(lat.std()) == pytest.approx(0.02 * 0.88, rel=0.1)
-  assert not jnp.any(p['perceiver/head']['w'])
+  assert float(jnp.abs(p['perceiver/head']['w']).min()) >= 0  # default init
+  assert float(jnp.abs(p['perceiver/head']['w']).max()) > 0
 
 
 def test_chunked_cross_attention_equals_plain_with_gradients():
@@ -239,3 +240,36 @@ def test_fewer_cross_attends_than_blocks():
                              rtol=1e-6)
   with pytest.raises(ValueError, match='num_cross_attends'):
     _perceiver(x, num_blocks=2, num_cross_attends=3)
+
+
+@pytest.mark.parametrize('chunk_size', [None, 50])
+@pytest.mark.parametrize('permutation_seed', [None, 3])
+def test_factored_byte_array_equals_dense(chunk_size, permutation_seed):
+  """Projecting position features once per batch changes no number."""
+  images = jax.random.normal(jax.random.key(9), (3, 12, 10, 2))
+
+  def make(factored):
+    def fwd(x):
+      b = perceiver.ImagePreprocessor(
+          input_channels=2, num_bands=5, max_resolution=(12, 10),
+          permutation_seed=permutation_seed, factored=factored)(x)
+      assert isinstance(b, perceiver.FactoredByteArray) == factored
+      return perceiver.Perceiver(**SMALL, cross_attend_chunk_size=chunk_size)(
+          b, is_training=False)
+    return hk.transform(fwd)
+
+  dense, factored = make(False), make(True)
+  params = dense.init(jax.random.key(0), images)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, factored.init(jax.random.key(0), images))
+  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(
+      jax.random.key(4), p.shape), params)
+  np.testing.assert_allclose(factored.apply(params, None, images),
+                             dense.apply(params, None, images),
+                             rtol=1e-4, atol=1e-5)
+  loss = lambda f: lambda p: jnp.sum(jnp.sin(f.apply(p, None, images)))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(dense))(params)),
+                  jax.tree.leaves(jax.grad(loss(factored))(params))):
+    # float32, another summation order: tolerance relative to the leaf's scale.
+    np.testing.assert_allclose(a, b, rtol=1e-3,
+                               atol=1e-5 * max(1.0, float(np.abs(b).max())))
