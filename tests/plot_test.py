@@ -94,6 +94,24 @@ def test_map_cell_i_j_answers_to_input_pixel_i_j(arg):
                           pixel) == {pixel[:2]}
 
 
+def test_permuted_model_draws_the_raw_models_maps():
+  """The permutation comes after the position features and the Perceiver
+  is permutation invariant: with the same parameters the permuted model's
+  un-permuted maps are the raw model's, at every cross-attend."""
+  raw, permuted = (_tiny_fashion_mnist_config(a) for a in (None, 'permuted'))
+  image = np.random.default_rng(1).normal(size=(28, 28, 1)).astype(np.float32)
+  model = modeling.build_model(raw)
+  params, state = model.init(jax.random.PRNGKey(1), image[None],
+                             is_training=False)
+  logits, want = figures.attention_maps(model, params, state, image, raw)
+  got_logits, got = figures.attention_maps(
+      modeling.build_model(permuted), params, state, image, permuted)
+  np.testing.assert_allclose(got_logits, logits, rtol=1e-4, atol=1e-5)
+  assert len(got) == len(want) == 4
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_first_second_and_last_cross_attend_are_shown():
   assert figures.shown_cross_attends(1) == [0]
   assert figures.shown_cross_attends(2) == [0, 1]
