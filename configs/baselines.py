@@ -91,7 +91,7 @@ def _base_config(dataset: str, arg) -> ml_collections.ConfigDict:
 def _image_grid_input(base_input, *, ff: bool) -> dict:
   """The dataset's own image input, kept as a grid [B, H, W, C + pos]."""
   image = dict(base_input)
-  image.update(flatten=False,
+  image.update(flatten=False, factored=False,
                position_encoding='fourier' if ff else 'none')
   return image
 

@@ -63,5 +63,5 @@ def format_summary(s: dict) -> str:
   lines.append('')
   lines.append(f"{'module':<{width}}  {'params':>12}  {'GFLOPs':>10}")
   for name, m in s['modules'].items():
-    lines.append(f"{name:<{width}}  {m['params']:>12,d}  {m['flops'] / 1e9:>10.3f}")
+    lines.append(f"{name:<{width}}  {m['params']:>12,d}  {m['flops'] / 1e9:>10.4g}")
   return '\n'.join(lines)

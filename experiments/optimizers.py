@@ -75,17 +75,25 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+OPTIMIZERS = ('lamb', 'adamw')
+
+
 def make_optimizer(*, lr: float, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-6, weight_decay: float = 0.0,
                    clip_grad_norm: Optional[float] = None,
-                   schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping followed by LAMB with masked weight decay."""
+                   schedule: optax.Schedule,
+                   name: str = 'lamb') -> optax.GradientTransformation:
+  """Global-norm clipping, then LAMB (the paper's) or AdamW (Adam when
+  weight_decay is 0), weight decay masked off biases and LayerNorm."""
   del lr  # The schedule carries it.
+  if name not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer.name {name!r}; known: {OPTIMIZERS}.')
   parts = []
   if clip_grad_norm:
     parts.append(optax.clip_by_global_norm(clip_grad_norm))
-  parts.append(optax.lamb(schedule, b1=b1, b2=b2, eps=eps,
-                          weight_decay=weight_decay, mask=weight_decay_mask))
+  make = optax.lamb if name == 'lamb' else optax.adamw
+  parts.append(make(schedule, b1=b1, b2=b2, eps=eps,
+                    weight_decay=weight_decay, mask=weight_decay_mask))
   return optax.chain(*parts)
 
 

@@ -154,6 +154,13 @@ def report(name: str, train: dict[str, float], matmul: dict[str, float],
   ])
 
 
+@register_workload('W1')
+def _w1():
+  """Issue 6's workload W1 (configs/w1.py)."""
+  from configs import w1  # pylint: disable=g-import-not-at-top
+  return w1.get_config(), w1.BATCH_SIZE
+
+
 def define_flags() -> None:
   """Flags of the command line (defined only when run as the program)."""
   config_flags.DEFINE_config_file(

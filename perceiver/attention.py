@@ -131,9 +131,43 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum('bnhq,bmhq->bhnm', q * scale, k)  # [B, H, N, M]
 
 
+def softmax_weighted_sum(logits: jax.Array, v: jax.Array, spec: str
+                         ) -> jax.Array:
+  """einsum(spec, softmax(logits, -1), v), normalised after the product.
+
+  exp(logits - max) is multiplied with v first and the result divided by the
+  row sums: the same numbers as normalising the weights, with the division
+  on the [.., V] output instead of the [.., M] weights (V << M).
+  """
+  logits = logits.astype(jnp.float32)
+  row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits - row_max)
+  total = unnormalised.sum(axis=-1)  # the row sums, [..., N]
+  out = jnp.einsum(spec, unnormalised.astype(v.dtype), v)
+  return out, total
+
+
+def attend_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       return_logits: bool = False):
+  """Softmax attention in the head-major layout (canonical batched matmuls).
+
+  Args:
+    q: [B, H, N, Q]; k: [B, H, M, Q]; v: [B, H, M, V].
+    return_logits: also return the pre-softmax logits.
+
+  Returns:
+    [B, N, H, V], and the [B, H, N, M] logits if asked for.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum('bhnq,bhmq->bhnm', q * scale, k)  # [B, H, N, M]
+  out, total = softmax_weighted_sum(logits, v, 'bhnm,bhmv->bhnv')
+  out = (out / total[..., None].astype(out.dtype)).transpose(0, 2, 1, 3)
+  return (out, logits) if return_logits else out  # [B, N, H, V]
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
            return_logits: bool = False):
-  """Softmax attention, materialising the full [B, H, N, M] weights.
+  """Softmax attention, materialising the full [B, H, N, M] logits.
 
   Args:
     q: [B, N, H, Q]; k: [B, M, H, Q]; v: [B, M, H, V].
@@ -143,9 +177,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
     [B, N, H, V], and the [B, H, N, M] logits if asked for.
   """
   logits = attention_logits(q, k)  # [B, H, N, M]
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  out = jnp.einsum('bhnm,bmhv->bnhv', weights.astype(v.dtype), v)  # [B, N, H, V]
-  return (out, logits) if return_logits else out
+  out, total = softmax_weighted_sum(logits, v, 'bhnm,bmhv->bnhv')
+  out = out / total.transpose(0, 2, 1)[..., None].astype(out.dtype)
+  return (out, logits) if return_logits else out  # [B, N, H, V]
 
 
 class MLP(hk.Module):
@@ -363,10 +397,16 @@ class SelfAttention(hk.Module):
     x = layer_norm(z, *_layer_norm_params('layer_norm', d))  # [B, N, D]
     w, bias = _fused([('query', qk), ('key', qk), ('value', vc)], d)
     qkv = x @ w + bias  # [B, N, 2QK + V], one matmul
-    q = _split_heads(qkv[..., :qk], h)  # [B, N, H, Q]
-    k = _split_heads(qkv[..., qk:2 * qk], h)  # [B, N, H, Q]
-    v = _split_heads(qkv[..., 2 * qk:], h)  # [B, N, H, V]
-    out = attend(q, k, v)  # [B, N, H, V]
+    if qk == vc:
+      # Head-major layout: one transpose of the fused projection, then
+      # canonical batched matmuls over (B, H).
+      qkv = qkv.reshape(b, n, 3, h, qk // h).transpose(2, 0, 3, 1, 4)
+      out = attend_heads_major(qkv[0], qkv[1], qkv[2])  # [B, N, H, V]
+    else:
+      q = _split_heads(qkv[..., :qk], h)  # [B, N, H, Q]
+      k = _split_heads(qkv[..., qk:2 * qk], h)  # [B, N, H, Q]
+      v = _split_heads(qkv[..., 2 * qk:], h)  # [B, N, H, V]
+      out = attend(q, k, v)  # [B, N, H, V]
     out = hk.Linear(d, name='output')(out.reshape(b, n, vc))  # [B, N, D]
     z = z + out
     return MLP(widening_factor=self._widening_factor, name='mlp')(z)
