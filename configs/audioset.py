@@ -97,6 +97,7 @@ def get_config(arg=None):
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
   )
+  config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
   if arg.runlocal:
     config.model.update(num_latents=32, latent_channels=64,
                         num_self_attends_per_block=2, num_self_heads=4)

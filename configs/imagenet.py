@@ -63,6 +63,7 @@ def get_config(arg=None):
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
   )
+  config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
 
   if arg.runlocal:
     config.input_shape = (32, 32, 3)

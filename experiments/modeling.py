@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 import perceiver
+from experiments import precision
 from perceiver import resnet
 from perceiver import transformer
 from perceiver import vit
@@ -92,16 +93,24 @@ def build_model(config: ml_collections.ConfigDict) -> hk.TransformedWithState:
   model_name = config.model_name
   model_cls = MODELS[model_name]
   model_kwargs = _kwargs(config.model)
+  # experiments/precision.py: e.g. 'bf16' computes the Perceiver in bfloat16
+  # with float32 parameters and logits; preprocessors stay float32.
+  mixed_precision = config.get('mixed_precision')
+  if mixed_precision is not None and model_name != 'perceiver':
+    raise ValueError(f'mixed_precision={mixed_precision!r} is only '
+                     f'implemented for the perceiver, not {model_name!r}.')
+  precision.get_policy(mixed_precision)  # fails early on an unknown name
 
   def forward(inputs, *, is_training: bool, return_attention: bool = False):
     x = make_preprocessor(input_name, input_kwargs)(inputs)
     model = model_cls(**model_kwargs)
-    if return_attention:
-      if model_name not in ATTENTION_MODELS:
-        raise ValueError(f'return_attention is only available for '
-                         f'{sorted(ATTENTION_MODELS)}, not {model_name!r}.')
-      return model(x, is_training=is_training, return_attention=True)
-    return model(x, is_training=is_training)
+    with precision.policy_scope(model_cls, mixed_precision):
+      if return_attention:
+        if model_name not in ATTENTION_MODELS:
+          raise ValueError(f'return_attention is only available for '
+                           f'{sorted(ATTENTION_MODELS)}, not {model_name!r}.')
+        return model(x, is_training=is_training, return_attention=True)
+      return model(x, is_training=is_training)
 
   return hk.transform_with_state(forward)
 

@@ -172,6 +172,9 @@ def define_flags() -> None:
                        'Global batch (default config.batch_size).')
   flags.DEFINE_integer('iterations', 10, 'Timed steps.')
   flags.DEFINE_integer('matmul_n', 2048, 'Matmul size N.')
+  flags.DEFINE_string('mixed_precision', None,
+                      "Sets config.mixed_precision, e.g. 'bf16' "
+                      '(experiments/precision.py).')
 
 
 def main(argv):
@@ -188,6 +191,9 @@ def main(argv):
     name = f['config'].config_filename
   else:
     raise app.UsageError('Give --config or --workload.')
+  if f.mixed_precision:
+    config.mixed_precision = f.mixed_precision
+    name += f' {f.mixed_precision}'
   train = benchmark_train_step(config, f.batch_size or batch_size,
                                iterations=f.iterations)
   matmul = benchmark_matmul(f.matmul_n, iterations=f.iterations)
