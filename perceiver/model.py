@@ -169,8 +169,9 @@ class Perceiver(hk.Module):
     latents = hk.get_parameter(
         'latents', [self._num_latents, self._latent_channels],
         init=hk.initializers.TruncatedNormal(stddev=self._latent_init_scale))
-    z = jnp.broadcast_to(latents.astype(inputs.dtype),
-                         (b,) + latents.shape)  # [B, N, D]
+    # Broadcast over the batch (its gradient summed as a matmul).
+    z = attention.add_shared(jnp.zeros((b,) + latents.shape, inputs.dtype),
+                             latents.astype(inputs.dtype))  # [B, N, D]
     crosses, transformers = self._blocks()
     if self._remat:
       transformers = [hk.remat(t) for t in transformers]

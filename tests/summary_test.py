@@ -31,8 +31,10 @@ def test_every_config_summarises(name, arg):
   assert s['flops'] == sum(m['flops'] for m in s['modules'].values()) > 0
   if 'runlocal' in arg:
     assert s['params'] < 1e6 and s['flops'] < 1e9
-  else:
-    assert s['params'] > 1e5
+  elif name == 'fashion_mnist':  # CPU-scale by design (the README's main job)
+    assert s['params'] == 83_596
+  else:  # the paper's model sizes
+    assert s['params'] > 1e7
   assert 'perceiver/head' in s['modules']
   assert summary.format_summary(s).count('\n') >= 4
 
