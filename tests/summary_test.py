@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {
     'imagenet': ['', 'runlocal', 'permuted'],
     'modelnet40': ['', 'runlocal'],
-    'fashion_mnist': ['', 'permuted'],
+    'fashion_mnist': ['', 'permuted', 'runlocal'],
     'audioset': ['modality=audio,features=raw', 'modality=audio,features=mel',
                  'modality=video', 'modality=audio_video,features=raw',
                  'modality=audio_video,features=mel', 'runlocal',
