@@ -154,12 +154,9 @@ def _training(config, arg):
     config.eval_every_steps = 20
     config.checkpoint_every_steps = 20
   if arg.synthetic:
-    config.dataset = 'synthetic'
-    config.data = dict(data_dir=config_dict.placeholder(str),
-                       input_shape=config.input_shape,
-                       num_classes=config.model.num_classes,
-                       multi_label=True, num_clips=2,
-                       num_train_examples=256, num_eval_examples=40)
+    common.use_synthetic_data(config, multi_label=True, num_clips=2,
+                              num_train_examples=256,
+                              num_eval_examples=40)
 
 
 def sweep_lr():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def _convert(key: str, text: str, default):
@@ -36,3 +37,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                        f'{sorted(defaults)}.')
     values[key] = _convert(key, text.strip(), defaults[key])
   return ml_collections.ConfigDict(values)
+
+
+def use_synthetic_data(config: ml_collections.ConfigDict, *,
+                       num_train_examples: int = 512,
+                       num_eval_examples: int = 100, **extra) -> None:
+  """Switches a config to made-up data of its own input shape and classes
+  (experiments/data/synthetic.py), e.g. for tests and benchmarks."""
+  config.dataset = 'synthetic'
+  config.data = dict(data_dir=config_dict.placeholder(str),
+                     input_shape=config.input_shape,
+                     num_classes=config.model.num_classes,
+                     num_train_examples=num_train_examples,
+                     num_eval_examples=num_eval_examples, **extra)

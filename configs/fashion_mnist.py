@@ -105,15 +105,11 @@ def _training(config, arg):
     config.eval_every_steps = 20
     config.checkpoint_every_steps = 20
   if arg.synthetic:
-    config.dataset = 'synthetic'
-    config.data = dict(data_dir=config_dict.placeholder(str),
-                       input_shape=config.input_shape,
-                       num_classes=config.model.num_classes,
-                       num_train_examples=512, num_eval_examples=100)
+    common.use_synthetic_data(config)
 
 
 def sweep_lr():
-  for lr in (1e-3, 2e-3, 4e-3):
+  for lr in (4e-3, 1e-2, 2e-2):
     yield {'optimizer.lr': lr}
 
 
