@@ -101,11 +101,8 @@ class LearnedPositionEncoding(hk.Module):
     self._num_channels = num_channels
     self._init_scale = init_scale
 
-  def __call__(self, batch_size: int | None = None) -> jax.Array:
-    """Returns the [P, C] encodings, or broadcast to [B, P, C]."""
-    pos = hk.get_parameter(
+  def __call__(self) -> jax.Array:
+    """Returns the [P, C] encodings (the same for every example)."""
+    return hk.get_parameter(
         'pos_embs', [self._num_positions, self._num_channels],
         init=hk.initializers.TruncatedNormal(stddev=self._init_scale))  # [P, C]
-    if batch_size is None:
-      return pos
-    return jnp.broadcast_to(pos, (batch_size,) + pos.shape)  # [B, P, C]
