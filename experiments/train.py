@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from experiments import checkpointing
 from experiments import evaluation
 from experiments import flops as flops_lib
+from experiments import host_memory
 from experiments import metric_writers
 from experiments import modeling
 from experiments import optimizers
@@ -242,6 +243,11 @@ def define_flags() -> None:
       'distributed', 'auto', ['auto', 'true', 'false'],
       'jax.distributed.initialize: auto = when a coordinator is given or on '
       'a Cloud TPU VM; true = always (cluster auto-detection, e.g. SLURM).')
+  flags.DEFINE_enum(
+      'host_memory', 'auto', list(host_memory.MODES),
+      'Keep freed host memory for reuse instead of returning it to the OS '
+      '(glibc malloc; ~10% faster steps on CPU): auto = when computing on '
+      'CPU only. See experiments/host_memory.py.')
 
 
 def _fail(message: str, code: int = 2):
@@ -300,6 +306,7 @@ def main(argv):
     check_config(config)
   except ConfigError as e:
     _fail(str(e))
+  host_memory.configure(flags.FLAGS.host_memory)  # Before JAX starts.
   mode = flags.FLAGS.distributed
   if mode != 'false':
     parallel.initialize_distributed(

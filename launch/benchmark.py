@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from experiments import host_memory
 from experiments import optimizers
 from experiments import parallel
 from experiments import steps as steps_lib
@@ -135,11 +136,14 @@ def benchmark_matmul(n: int = 2048, *, dtype=jnp.float32, mesh=None,
 
 
 def report(name: str, train: dict[str, float], matmul: dict[str, float],
-           matmul_n: int) -> str:
+           matmul_n: int, retained: Optional[bool] = None) -> str:
   devices = jax.devices()
+  memory = ('' if retained is None else
+            '; freed host memory ' + ('retained' if retained else
+                                      'returned to the OS (malloc defaults)'))
   return '\n'.join([
       f'devices: {len(devices)} x {devices[0].device_kind} '
-      f'({jax.process_count()} process(es))',
+      f'({jax.process_count()} process(es)){memory}',
       f'train step ({name}, global batch {train["batch_size"]}):',
       f'  time/step        {train["step_time_s"] * 1e3:.2f} ms '
       f'(compile {train["compile_time_s"]:.1f} s)',
@@ -175,11 +179,15 @@ def define_flags() -> None:
   flags.DEFINE_string('mixed_precision', None,
                       "Sets config.mixed_precision, e.g. 'bf16' "
                       '(experiments/precision.py).')
+  flags.DEFINE_enum('host_memory', 'auto', list(host_memory.MODES),
+                    'Keep freed host memory for reuse (glibc malloc): auto = '
+                    'when computing on CPU only (experiments/host_memory.py).')
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  retained = host_memory.configure(f.host_memory)  # Before JAX starts.
   if f.workload:
     if f.workload not in WORKLOADS:
       raise app.UsageError(f'Unknown --workload={f.workload}; known: '
@@ -197,7 +205,7 @@ def main(argv):
   train = benchmark_train_step(config, f.batch_size or batch_size,
                                iterations=f.iterations)
   matmul = benchmark_matmul(f.matmul_n, iterations=f.iterations)
-  print(report(name, train, matmul, f.matmul_n), flush=True)
+  print(report(name, train, matmul, f.matmul_n, retained), flush=True)
 
 
 if __name__ == '__main__':

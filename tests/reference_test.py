@@ -3,8 +3,10 @@
 The reference below is written from PAPER.md section 1 alone (pre-LN blocks,
 1-head cross-attend with Q/K/V width C, 8-head latent self-attention, MLP
 widening 1, GELU, mean over latents then a linear head, the v2 weight-sharing
-scheme) and evaluated in float64 from the model's own parameters. Every speed
-change to perceiver/ must keep the Haiku model equal to it.
+scheme) and evaluated in float64 from the model's own parameters, with
+jax.numpy so that it can be differentiated too. Every speed change to
+perceiver/ (custom gradients included) must keep the Haiku model's outputs and
+parameter gradients equal to it.
 """
 
 import haiku as hk
@@ -19,7 +21,7 @@ import perceiver
 def _ln(x, p):
   mu = x.mean(-1, keepdims=True)
   var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) / np.sqrt(var + 1e-5) * p['scale'] + p['offset']
+  return (x - mu) / jnp.sqrt(var + 1e-5) * p['scale'] + p['offset']
 
 
 def _linear(x, p):
@@ -27,7 +29,7 @@ def _linear(x, p):
 
 
 def _gelu(x):  # tanh approximation, as jax.nn.gelu's default
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def _mlp(z, params, scope):
@@ -39,12 +41,12 @@ def _mlp(z, params, scope):
 def _attention(q, k, v, heads):
   """q [N, W], k [M, W], v [M, V] -> [N, V], `heads` heads, softmax over M."""
   out = []
-  for qh, kh, vh in zip(np.split(q, heads, -1), np.split(k, heads, -1),
-                        np.split(v, heads, -1)):
+  for qh, kh, vh in zip(jnp.split(q, heads, -1), jnp.split(k, heads, -1),
+                        jnp.split(v, heads, -1)):
     logits = qh @ kh.T / np.sqrt(qh.shape[-1])
-    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w = jnp.exp(logits - logits.max(-1, keepdims=True))
     out.append((w / w.sum(-1, keepdims=True)) @ vh)
-  return np.concatenate(out, -1)
+  return jnp.concatenate(out, -1)
 
 
 def _cross_attend(z, x, params, scope):
@@ -63,10 +65,12 @@ def _self_attend(z, params, scope, heads):
 
 
 def reference_logits(params, x, *, blocks, layers, heads, shared):
-  params = {k: {n: np.asarray(v, np.float64) for n, v in d.items()}
+  """The paper's classifier on [B, M, C] inputs; float64 whatever it is given
+  (run it under `jax.enable_x64`)."""
+  params = {k: {n: jnp.asarray(v, jnp.float64) for n, v in d.items()}
             for k, d in params.items()}
   out = []
-  for example in np.asarray(x, np.float64):
+  for example in jnp.asarray(x, jnp.float64):
     z = params['perceiver']['latents']
     for i in range(blocks):
       cross = (('cross_attend_first' if i == 0 else 'cross_attend_shared')
@@ -76,16 +80,16 @@ def reference_logits(params, x, *, blocks, layers, heads, shared):
       for j in range(layers):
         z = _self_attend(z, params, f'perceiver/{latent}/self_attend_{j}', heads)
     out.append(_linear(z.mean(0), params['perceiver/head']))
-  return np.stack(out)
+  return jnp.stack(out)
 
 
-@pytest.mark.parametrize('shared', [True, False])
-@pytest.mark.parametrize('chunk_size', [None, 7])
-def test_model_equals_numpy_reference(shared, chunk_size):
-  blocks, layers, heads = 3, 2, 4
+BLOCKS, LAYERS, HEADS = 3, 2, 4
+
+
+def _model_and_params(shared, chunk_size):
   f = hk.transform(lambda x: perceiver.Perceiver(
-      num_classes=6, num_latents=8, latent_channels=32, num_blocks=blocks,
-      num_self_attends_per_block=layers, num_self_heads=heads,
+      num_classes=6, num_latents=8, latent_channels=32, num_blocks=BLOCKS,
+      num_self_attends_per_block=LAYERS, num_self_heads=HEADS,
       share_weights=shared, cross_attend_chunk_size=chunk_size)(
           x, is_training=False))
   x = jax.random.normal(jax.random.key(0), (2, 23, 12))
@@ -95,8 +99,49 @@ def test_model_equals_numpy_reference(shared, chunk_size):
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = jax.tree.unflatten(tree, [
       p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return f, params, x
+
+
+@pytest.mark.parametrize('shared', [True, False])
+@pytest.mark.parametrize('chunk_size', [None, 7])
+def test_model_equals_numpy_reference(shared, chunk_size):
+  f, params, x = _model_and_params(shared, chunk_size)
   got = np.asarray(jax.jit(f.apply)(params, None, x))
-  want = reference_logits(params, x, blocks=blocks, layers=layers, heads=heads,
-                          shared=shared)
+  with jax.enable_x64(True):
+    want = np.asarray(reference_logits(params, x, blocks=BLOCKS, layers=LAYERS,
+                                       heads=HEADS, shared=shared))
   assert np.abs(want).max() > 0.1
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize('chunk_size', [None, 7])
+@pytest.mark.parametrize('factored', [False, True])
+def test_parameter_gradients_equal_reference_gradients(chunk_size, factored):
+  """The custom gradients (linear, add_shared, mul_shared, the factored
+  projection, chunked attention) against float64 autodiff of the paper."""
+  f, params, x = _model_and_params(True, chunk_size)
+  # The model sees the last 5 channels as position features shared by the
+  # batch (the reference sees the same numbers as one dense array).
+  x = x.at[1, :, 7:].set(x[0, :, 7:])
+  inputs = (perceiver.FactoredByteArray(x[..., :7], x[0, :, 7:]) if factored
+            else x)
+  weights = jax.random.normal(jax.random.key(3), (2, 6))
+  loss = lambda logits: jnp.sum(weights * jnp.sin(logits))
+  got = jax.jit(jax.grad(lambda p: loss(f.apply(p, None, inputs))))(params)
+  with jax.enable_x64(True):
+    want = jax.grad(lambda p: loss(reference_logits(
+        p, x, blocks=BLOCKS, layers=LAYERS, heads=HEADS, shared=True)))(
+            jax.tree.map(lambda p: np.asarray(p, np.float64), params))
+    want = jax.tree.map(np.asarray, want)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  top = max(float(np.abs(w).max()) for w in jax.tree.leaves(want))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree.leaves(want)):
+    name, scale = jax.tree_util.keystr(path), float(np.abs(w).max())
+    if scale < 1e-9 * top:
+      # Zero in exact arithmetic (the key biases: a softmax ignores a shift
+      # of all its logits); float32 leaves rounding noise only.
+      assert 'key' in name and np.abs(g).max() < 1e-4 * top, name
+      continue
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-4 * scale,
+                               err_msg=name)
