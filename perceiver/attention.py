@@ -189,17 +189,71 @@ def normalized_projection(inputs, scale, offset, w, b) -> jax.Array:
   if not isinstance(inputs, FactoredByteArray):
     return linear(layer_norm(inputs, scale, offset), w, b)  # [B, M, E]
   raw, pos = inputs.raw, inputs.pos.astype(inputs.raw.dtype)
-  c, total = raw.shape[-1], inputs.shape[-1]
+  total = inputs.shape[-1]
   mean = (raw.sum(-1) + pos.sum(-1)) / total  # [B, M]
   sq_mean = (jnp.square(raw).sum(-1) + jnp.square(pos).sum(-1)) / total
   inv = jax.lax.rsqrt(jnp.maximum(sq_mean - jnp.square(mean), 0.0)
                       + LN_EPS)  # [B, M]
-  w_scaled = scale[:, None] * w  # [C, E]
-  projected = add_shared(
-      jnp.einsum('bmc,ce->bme', raw, w_scaled[:c])  # [B, M, E]
-      - jnp.einsum('bm,e->bme', mean, w_scaled.sum(0)),
-      pos @ w_scaled[c:])  # [M, E], once for the batch
-  return add_shared(inv[..., None] * projected, offset @ w + b)  # [B, M, E]
+  return _factored_projection(raw, pos, mean, inv, scale[:, None] * w,
+                              offset @ w + b)  # [B, M, E]
+
+
+@jax.custom_vjp
+def _factored_projection(raw, pos, mean, inv, w_scaled, const):
+  """inv * (raw W'_raw + pos W'_pos - mean sum_c W'_c) + const: [B, M, E].
+
+  raw [B, M, c], pos [M, p], mean and inv [B, M] (the LayerNorm statistics),
+  w_scaled [c + p, E] (W' = scale * W), const [E] (offset W + b).
+
+  The gradient is autodiff's, arranged for speed: the weight gradients read
+  the [B, M, E] cotangent in two passes ([raw^T; -mean^T] times it, and its
+  sum over the batch times pos), where autodiff's layout transposes it
+  several times and contracts 65,536 rows in XLA:CPU's slow generic kernel.
+  The cotangents of the inputs are computed only if used (XLA drops them
+  otherwise, as for a byte array of data).
+  """
+  c = raw.shape[-1]
+  inner = (jnp.einsum('bmc,ce->bme', raw, w_scaled[:c])
+           - mean[..., None] * w_scaled.sum(0))  # [B, M, E]
+  return add_shared(inv[..., None] * add_shared(inner, pos @ w_scaled[c:]),
+                    const)
+
+
+def _factored_projection_fwd(raw, pos, mean, inv, w_scaled, const):
+  out = _factored_projection(raw, pos, mean, inv, w_scaled, const)
+  return out, (raw, pos, mean, inv, w_scaled, jnp.zeros((0,) + const.shape,
+                                                        const.dtype))
+
+
+def _factored_projection_bwd(residuals, g):
+  raw, pos, mean, inv, w_scaled, const_carrier = residuals
+  b, m, c = raw.shape
+  e = g.shape[-1]
+  g_inv = inv[..., None].astype(g.dtype) * g  # [B, M, E]
+  g_rows = g_inv.reshape(b * m, e)  # [BM, E]
+  # [raw^T; -mean^T] as one materialised [c + 1, BM] operand: one plain
+  # product reads the cotangent once for the raw rows and the mean term.
+  lhs = jax.lax.optimization_barrier(jnp.concatenate(
+      [raw.reshape(b * m, c), -mean.reshape(b * m, 1)], axis=1).T)
+  d_raw_rows = (lhs.astype(g.dtype) @ g_rows)  # [c + 1, E]
+  d_pos_rows = pos.T.astype(g.dtype) @ _sum_leading(g_inv, (m, e))  # [p, E]
+  d_w = (jnp.concatenate([d_raw_rows[:c], d_pos_rows], axis=0)
+         + d_raw_rows[c])  # [c + p, E]
+  d_const = _sum_leading(g, (e,))  # [E]
+  # Cotangents of the inputs and statistics (dropped by XLA when unused).
+  w_sum = w_scaled.sum(0)  # [E]
+  inner = (jnp.einsum('bmc,ce->bme', raw, w_scaled[:c])
+           - mean[..., None] * w_sum + pos @ w_scaled[c:])  # [B, M, E]
+  d_raw = jnp.einsum('bme,ce->bmc', g_inv, w_scaled[:c])
+  d_pos = _sum_leading(g_inv, (m, e)) @ w_scaled[c:].T  # [M, p]
+  d_mean = -(g_inv @ w_sum)  # [B, M]
+  d_inv = jnp.sum(g * inner, axis=-1)  # [B, M]
+  return (d_raw.astype(raw.dtype), d_pos.astype(pos.dtype),
+          d_mean.astype(mean.dtype), d_inv.astype(inv.dtype),
+          d_w.astype(w_scaled.dtype), d_const.astype(const_carrier.dtype))
+
+
+_factored_projection.defvjp(_factored_projection_fwd, _factored_projection_bwd)
 
 
 def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
