@@ -28,6 +28,7 @@ example. Parameters are those of hk.LayerNorm / hk.Linear under the same names
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -180,77 +181,97 @@ def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
   return add_shared(mul_shared(normalized, scale), offset)
 
 
-def normalized_projection(inputs, scale, offset, w, b) -> jax.Array:
+def normalized_projection(inputs, scale, offset, w, b,
+                          widths: tuple[int, ...] | None = None):
   """LayerNorm(inputs) @ w + b for a dense [B, M, C] or factored byte array.
 
-  Returns [B, M, E]. The factored path never forms [B, M, C] and projects the
-  position features once (see the module docstring).
+  Returns [B, M, E], or with `widths` (summing to E) the column blocks of it
+  as separate arrays, e.g. the keys and values of a fused K/V projection. The
+  factored path never forms [B, M, C], projects the position features once
+  (see the module docstring) and writes each block directly.
   """
   if not isinstance(inputs, FactoredByteArray):
-    return linear(layer_norm(inputs, scale, offset), w, b)  # [B, M, E]
+    out = linear(layer_norm(inputs, scale, offset), w, b)  # [B, M, E]
+    return out if widths is None else tuple(_column_blocks(out, widths))
   raw, pos = inputs.raw, inputs.pos.astype(inputs.raw.dtype)
   total = inputs.shape[-1]
   mean = (raw.sum(-1) + pos.sum(-1)) / total  # [B, M]
   sq_mean = (jnp.square(raw).sum(-1) + jnp.square(pos).sum(-1)) / total
   inv = jax.lax.rsqrt(jnp.maximum(sq_mean - jnp.square(mean), 0.0)
                       + LN_EPS)  # [B, M]
-  return _factored_projection(raw, pos, mean, inv, scale[:, None] * w,
-                              offset @ w + b)  # [B, M, E]
+  blocks = _factored_projection(tuple(widths or (w.shape[1],)), raw, pos,
+                                mean, inv, scale[:, None] * w, offset @ w + b)
+  return blocks if widths is not None else blocks[0]  # [B, M, E_i] each
 
 
-@jax.custom_vjp
-def _factored_projection(raw, pos, mean, inv, w_scaled, const):
-  """inv * (raw W'_raw + pos W'_pos - mean sum_c W'_c) + const: [B, M, E].
+def _column_blocks(x: jax.Array, widths):
+  """The column blocks of x [..., sum(widths)], left to right."""
+  ends = itertools.accumulate(widths)
+  return [x[..., end - width:end] for width, end in zip(widths, ends)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _factored_projection(widths, raw, pos, mean, inv, w_scaled, const):
+  """inv * (raw W'_raw + pos W'_pos - mean sum_c W'_c) + const, in blocks.
 
   raw [B, M, c], pos [M, p], mean and inv [B, M] (the LayerNorm statistics),
-  w_scaled [c + p, E] (W' = scale * W), const [E] (offset W + b).
+  w_scaled [c + p, E] (W' = scale * W), const [E] (offset W + b); returns the
+  [B, M, E_i] column blocks of the result for E_i in `widths`, each computed
+  on its own so that no block is copied out of a fused array.
 
   The gradient is autodiff's, arranged for speed: the weight gradients read
-  the [B, M, E] cotangent in two passes ([raw^T; -mean^T] times it, and its
+  each block's cotangent in two passes ([raw^T; -mean^T] times it, and its
   sum over the batch times pos), where autodiff's layout transposes it
-  several times and contracts 65,536 rows in XLA:CPU's slow generic kernel.
+  several times and contracts B M rows in XLA:CPU's slow generic kernel.
   The cotangents of the inputs are computed only if used (XLA drops them
   otherwise, as for a byte array of data).
   """
   c = raw.shape[-1]
-  inner = (jnp.einsum('bmc,ce->bme', raw, w_scaled[:c])
-           - mean[..., None] * w_scaled.sum(0))  # [B, M, E]
-  return add_shared(inv[..., None] * add_shared(inner, pos @ w_scaled[c:]),
-                    const)
+  blocks = []
+  for w_i, const_i in zip(_column_blocks(w_scaled, widths),
+                          _column_blocks(const, widths)):
+    inner = (jnp.einsum('bmc,ce->bme', raw, w_i[:c])
+             - mean[..., None] * w_i.sum(0))  # [B, M, E_i]
+    blocks.append(add_shared(
+        inv[..., None] * add_shared(inner, pos @ w_i[c:]), const_i))
+  return tuple(blocks)
 
 
-def _factored_projection_fwd(raw, pos, mean, inv, w_scaled, const):
-  out = _factored_projection(raw, pos, mean, inv, w_scaled, const)
+def _factored_projection_fwd(widths, raw, pos, mean, inv, w_scaled, const):
+  out = _factored_projection(widths, raw, pos, mean, inv, w_scaled, const)
   return out, (raw, pos, mean, inv, w_scaled, jnp.zeros((0,) + const.shape,
                                                         const.dtype))
 
 
-def _factored_projection_bwd(residuals, g):
+def _factored_projection_bwd(widths, residuals, gs):
   raw, pos, mean, inv, w_scaled, const_carrier = residuals
   b, m, c = raw.shape
-  e = g.shape[-1]
-  g_inv = inv[..., None].astype(g.dtype) * g  # [B, M, E]
-  g_rows = g_inv.reshape(b * m, e)  # [BM, E]
   # [raw^T; -mean^T] as one materialised [c + 1, BM] operand: one plain
-  # product reads the cotangent once for the raw rows and the mean term.
+  # product per block reads its cotangent once for the raw rows and the mean.
   lhs = jax.lax.optimization_barrier(jnp.concatenate(
       [raw.reshape(b * m, c), -mean.reshape(b * m, 1)], axis=1).T)
-  d_raw_rows = (lhs.astype(g.dtype) @ g_rows)  # [c + 1, E]
-  d_pos_rows = pos.T.astype(g.dtype) @ _sum_leading(g_inv, (m, e))  # [p, E]
-  d_w = (jnp.concatenate([d_raw_rows[:c], d_pos_rows], axis=0)
-         + d_raw_rows[c])  # [c + p, E]
-  d_const = _sum_leading(g, (e,))  # [E]
-  # Cotangents of the inputs and statistics (dropped by XLA when unused).
-  w_sum = w_scaled.sum(0)  # [E]
-  inner = (jnp.einsum('bmc,ce->bme', raw, w_scaled[:c])
-           - mean[..., None] * w_sum + pos @ w_scaled[c:])  # [B, M, E]
-  d_raw = jnp.einsum('bme,ce->bmc', g_inv, w_scaled[:c])
-  d_pos = _sum_leading(g_inv, (m, e)) @ w_scaled[c:].T  # [M, p]
-  d_mean = -(g_inv @ w_sum)  # [B, M]
-  d_inv = jnp.sum(g * inner, axis=-1)  # [B, M]
+  d_w, d_const = [], []
+  d_raw, d_pos, d_mean, d_inv = 0.0, 0.0, 0.0, 0.0
+  for g, w_i in zip(gs, _column_blocks(w_scaled, widths)):
+    e = g.shape[-1]
+    g_inv = inv[..., None].astype(g.dtype) * g  # [B, M, E_i]
+    g_pos = _sum_leading(g_inv, (m, e))  # [M, E_i]
+    d_rows = lhs.astype(g.dtype) @ g_inv.reshape(b * m, e)  # [c + 1, E_i]
+    d_w.append(jnp.concatenate([d_rows[:c], pos.T.astype(g.dtype) @ g_pos],
+                               axis=0) + d_rows[c])  # [c + p, E_i]
+    d_const.append(_sum_leading(g, (e,)))  # [E_i]
+    # Cotangents of the inputs and statistics (dropped by XLA when unused).
+    w_sum = w_i.sum(0)  # [E_i]
+    inner = (jnp.einsum('bmc,ce->bme', raw, w_i[:c])
+             - mean[..., None] * w_sum + pos @ w_i[c:])  # [B, M, E_i]
+    d_raw += jnp.einsum('bme,ce->bmc', g_inv, w_i[:c])
+    d_pos += g_pos @ w_i[c:].T  # [M, p]
+    d_mean -= g_inv @ w_sum  # [B, M]
+    d_inv += jnp.sum(g * inner, axis=-1)  # [B, M]
   return (d_raw.astype(raw.dtype), d_pos.astype(pos.dtype),
           d_mean.astype(mean.dtype), d_inv.astype(inv.dtype),
-          d_w.astype(w_scaled.dtype), d_const.astype(const_carrier.dtype))
+          jnp.concatenate(d_w, axis=1).astype(w_scaled.dtype),
+          jnp.concatenate(d_const).astype(const_carrier.dtype))
 
 
 _factored_projection.defvjp(_factored_projection_fwd, _factored_projection_bwd)
@@ -418,8 +439,9 @@ class CrossAttention(hk.Module):
     w_kv, b_kv = _fused([('key', qk), ('value', vc)], c)  # [C, QK + V]
 
     def project(x):
-      kv = normalized_projection(x, *ln, w_kv, b_kv)  # [B, m, QK + V]
-      return _split_heads(kv[..., :qk], h), _split_heads(kv[..., qk:], h)
+      k, v = normalized_projection(x, *ln, w_kv, b_kv,
+                                   widths=(qk, vc))  # [B, m, QK], [B, m, V]
+      return _split_heads(k, h), _split_heads(v, h)
 
     if self._chunk_size is None or self._chunk_size >= m:
       k, v = project(inputs)  # [B, M, H, Q], [B, M, H, V]

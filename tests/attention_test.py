@@ -36,12 +36,15 @@ def _assert_same_gradients(fast, plain, args):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_factored_projection():
+@pytest.mark.parametrize('widths', [None, (3, 4)])
+def test_factored_projection(widths):
   with jax.enable_x64(True):
     raw, pos, scale, offset, w, b = _args((3, 5, 2), (5, 4), (6,), (6,),
                                           (6, 7), (7,))
-    fast = lambda raw, pos, *p: attention.normalized_projection(
-        attention.FactoredByteArray(raw, pos), *p)
+    def fast(raw, pos, *p):  # The blocks side by side again.
+      out = attention.normalized_projection(
+          attention.FactoredByteArray(raw, pos), *p, widths=widths)
+      return out if widths is None else jnp.concatenate(out, axis=-1)
     _assert_same_gradients(fast, _plain_projection,
                            [raw, pos, 1 + scale, offset, w, b])
 
