@@ -3,8 +3,8 @@
 XLA:CPU allocates each step's buffers with malloc and frees them when the
 step ends. glibc gives large blocks back to the kernel (they are mmap'd, or
 sit at the top of a per-thread heap that it trims), so the next step faults
-every page in again and the kernel zeroes it. On workload W1 that is ~400k
-minor page faults (~1.5 GB of fresh pages) per train step; on 2 cores it
+every page in again and the kernel zeroes it. On workload W1 that is ~450k
+minor page faults (~1.8 GB of fresh pages) per train step; on 2 cores it
 costs ~15% of the step (`python -m launch.benchmark --workload=W1
 --host_memory=system` against the default).
 
@@ -16,11 +16,13 @@ memory is reused instead:
   M_MMAP_MAX=0        large blocks come from the heap, not from mmap;
   M_TRIM_THRESHOLD=-1 the heap is never given back to the kernel.
 
-The price: the process keeps its peak heap (and some fragmentation on top:
-W1's peak RSS goes from 2.6 to 4.4 GiB), and all threads share one malloc
-lock, which a busy multi-threaded input pipeline on a large accelerator host
-could feel. Hence `auto` (the runner's and benchmark's default) retains only
-when the process computes on CPU alone.
+The price: the process keeps its peak heap, compilation's included, with
+fragmentation on top (W1's resident memory in launch.benchmark goes from
+~2.4 GiB to 5.6 GiB, 7.3 GiB once steps are dispatched back to back), and
+all threads share one malloc lock, which a busy multi-threaded input
+pipeline on a large accelerator host could feel. Hence `auto` (the runner's
+and benchmark's default) retains only when the process computes on CPU
+alone.
 
 It must run before JAX starts its backends: a thread keeps the heap it first
 allocated from.
