@@ -17,8 +17,6 @@ median round). Prints the parameter count, step time and examples/s.
 
 from __future__ import annotations
 
-import time
-
 from absl import app
 from absl import flags
 import haiku as hk
@@ -30,14 +28,13 @@ import optax
 from configs import fashion_mnist
 from experiments import host_memory
 from experiments import optimizers
+from launch import benchmark
 from perceiver import position_encoding
 
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Default: the config\'s.')
 _ITERATIONS = flags.DEFINE_integer('iterations', 10, 'Timed steps per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds (median reported).')
-_HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto',
-                                 list(host_memory.MODES),
-                                 'As launch.benchmark\'s flag.')
+_HOST_MEMORY = host_memory.define_flag()
 
 
 def _mlp(x):
@@ -133,21 +130,17 @@ def main(argv):
   step = jax.jit(train_step, donate_argnums=(0, 1))
   carry = [params, opt_state]
 
-  def run(n):
-    start = time.perf_counter()
-    for _ in range(n):
-      carry[0], carry[1], loss = step(carry[0], carry[1], images, labels)
-    jax.block_until_ready(loss)
-    return (time.perf_counter() - start) / n
+  def one_step():
+    carry[0], carry[1], loss = step(carry[0], carry[1], images, labels)
+    return loss
 
-  run(2)  # Compile and warm up.
-  rounds = sorted(run(_ITERATIONS.value) for _ in range(_ROUNDS.value))
-  seconds = rounds[(len(rounds) - 1) // 2]
+  seconds, best = benchmark.time_rounds(
+      one_step, iterations=_ITERATIONS.value, rounds=_ROUNDS.value)
   print(f'plain Haiku Perceiver, main-job size: {num_params:,} parameters; '
         f'freed host memory {"retained" if retained else "returned to the OS"}'
         f'\ntrain step (batch {batch}): {seconds * 1e3:.2f} ms '
-        f'(median of {len(rounds)} rounds of {_ITERATIONS.value}; best '
-        f'{rounds[0] * 1e3:.2f} ms)\nexamples/s: {batch / seconds:.1f}',
+        f'(median of {_ROUNDS.value} rounds of {_ITERATIONS.value}; best '
+        f'{best * 1e3:.2f} ms)\nexamples/s: {batch / seconds:.1f}',
         flush=True)
 
 

@@ -35,6 +35,7 @@ import ctypes.util
 import importlib.metadata
 import importlib.util
 
+from absl import flags
 from absl import logging
 import jax
 from jax._src import xla_bridge  # backends_are_initialized has no public name.
@@ -93,6 +94,16 @@ def retain_freed_memory() -> bool:
   if not ok:
     logging.warning('host_memory: glibc refused a mallopt setting.')
   return ok
+
+
+def define_flag() -> flags.FlagHolder:
+  """Defines --host_memory (for a program's own flags; see `configure`)."""
+  return flags.DEFINE_enum(
+      'host_memory', 'auto', list(MODES),
+      'Keep freed host memory for reuse instead of returning it to the OS '
+      '(glibc malloc; 10-15% faster steps on CPU, a larger resident heap): '
+      'auto = when computing on CPU only; system = malloc\'s defaults. See '
+      'experiments/host_memory.py.')
 
 
 def configure(mode: str) -> bool:

@@ -243,11 +243,7 @@ def define_flags() -> None:
       'distributed', 'auto', ['auto', 'true', 'false'],
       'jax.distributed.initialize: auto = when a coordinator is given or on '
       'a Cloud TPU VM; true = always (cluster auto-detection, e.g. SLURM).')
-  flags.DEFINE_enum(
-      'host_memory', 'auto', list(host_memory.MODES),
-      'Keep freed host memory for reuse instead of returning it to the OS '
-      '(glibc malloc; ~10% faster steps on CPU): auto = when computing on '
-      'CPU only. See experiments/host_memory.py.')
+  host_memory.define_flag()
 
 
 def _fail(message: str, code: int = 2):

@@ -54,6 +54,16 @@ def _time(fn: Callable[[], Any], iterations: int) -> float:
   return (time.perf_counter() - start) / iterations
 
 
+def time_rounds(fn: Callable[[], Any], *, iterations: int, rounds: int,
+                warmup: int = 2) -> tuple[float, float]:
+  """(median, best) over `rounds` rounds of the mean seconds per call of fn,
+  each round `iterations` calls back to back, after `warmup` calls. The
+  median is robust to a round disturbed by the machine."""
+  _time(fn, warmup)
+  per_round = sorted(_time(fn, iterations) for _ in range(rounds))
+  return per_round[(rounds - 1) // 2], per_round[0]
+
+
 def random_batch(config, batch_size: int, mesh, seed: int = 0):
   """A global batch of random inputs and labels, split over the mesh."""
   rng = np.random.default_rng(seed)
@@ -113,10 +123,9 @@ def benchmark_train_step(config: ml_collections.ConfigDict,
     carry[0], carry[1] = compiled(carry[0], carry[1], batch)
     return carry[1]
 
-  _time(step, warmup)
-  per_round = sorted(_time(step, iterations) for _ in range(rounds))
-  seconds = per_round[(rounds - 1) // 2]
-  return {'step_time_s': seconds, 'step_time_best_s': per_round[0],
+  seconds, best = time_rounds(step, iterations=iterations, rounds=rounds,
+                              warmup=warmup)
+  return {'step_time_s': seconds, 'step_time_best_s': best,
           'examples_per_sec': batch_size / seconds,
           'flops_per_step': flops, 'flops_per_sec': flops / seconds,
           'compile_time_s': compile_time, 'num_devices': num_devices,
@@ -191,9 +200,7 @@ def define_flags() -> None:
   flags.DEFINE_string('mixed_precision', None,
                       "Sets config.mixed_precision, e.g. 'bf16' "
                       '(experiments/precision.py).')
-  flags.DEFINE_enum('host_memory', 'auto', list(host_memory.MODES),
-                    'Keep freed host memory for reuse (glibc malloc): auto = '
-                    'when computing on CPU only (experiments/host_memory.py).')
+  host_memory.define_flag()
 
 
 def main(argv):
