@@ -18,11 +18,10 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
-
+from experiments import config_loader
 from experiments import model_summary
 
-_CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
+_CONFIG = config_loader.define_flag()
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 _XLA = flags.DEFINE_bool('xla', False, 'Also compile and report XLA FLOPs.')
 _DEPTH = flags.DEFINE_integer('depth', 2, 'Module path depth of the breakdown.')

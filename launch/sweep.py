@@ -19,7 +19,6 @@ Rerunning a sweep resumes unfinished points from their checkpoints.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -31,36 +30,42 @@ from typing import Any, Iterable, Optional, Sequence
 from absl import app
 from absl import flags
 
-_CONFIG = flags.DEFINE_string('config', None,
-                              'Config file, configs/NAME.py[:ARG].')
-_SWEEP = flags.DEFINE_string('sweep', None,
-                             'Sweep name: the generator sweep_NAME() in the '
-                             'config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Root directory; one subdirectory per point.')
-_OVERRIDE = flags.DEFINE_multi_string(
-    'override', [], 'KEY=VALUE config override added to every point, e.g. '
-    '--override=num_train_steps=100.')
-_TPU = flags.DEFINE_string('tpu', None, 'Cloud TPU VM name: run there.')
-_ZONE = flags.DEFINE_string('zone', None, 'Zone of the TPU VM.')
-_PROJECT = flags.DEFINE_string('project', None, 'GCP project of the TPU VM.')
-_REMOTE_DIR = flags.DEFINE_string(
-    'remote_dir', '~/perceiver', 'Project checkout on the TPU workers '
-    '(where launch/tpu_setup.sh put it).')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False,
-                             'Print the commands instead of running them.')
+from experiments import config_loader
+
+
+def define_launch_flags() -> None:
+  """Flags shared with launch.reproduce (--workdir, --override, --tpu, --zone,
+  --project, --remote_dir, --dry_run); defined only by the program that runs,
+  so that both modules import each other's functions without side effects."""
+  flags.DEFINE_string('workdir', None,
+                      'Root directory; one subdirectory per run.')
+  flags.DEFINE_multi_string(
+      'override', [], 'KEY=VALUE config override added to every run, e.g. '
+      '--override=num_train_steps=100.')
+  flags.DEFINE_string('tpu', None, 'Cloud TPU VM name: run there.')
+  flags.DEFINE_string('zone', None, 'Zone of the TPU VM.')
+  flags.DEFINE_string('project', None, 'GCP project of the TPU VM.')
+  flags.DEFINE_string(
+      'remote_dir', '~/perceiver', 'Project checkout on the TPU workers '
+      '(where launch/tpu_setup.sh put it).')
+  flags.DEFINE_bool('dry_run', False,
+                    'Print the commands instead of running them.')
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('config', None, 'Config file, configs/NAME.py[:ARG].')
+  flags.DEFINE_string('sweep', None, 'Sweep name: the generator sweep_NAME() '
+                      'in the config file.')
+  define_launch_flags()
+
 
 METRIC_COLUMNS = ('top1', 'top5', 'map', 'loss', 'num_examples')
 
 
 def load_sweep(config: str, name: str) -> list[dict[str, Any]]:
   """The points of sweep_NAME in the config file (`path[:arg]`)."""
-  path = config.split(':', 1)[0]
-  if not os.path.isfile(path):
-    raise ValueError(f'Config file {path} does not exist.')
-  spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_loader.load_module(config)
+  path = config_loader.config_path(config)
   fn_name = name if name.startswith('sweep_') else f'sweep_{name}'
   known = sorted(n[len('sweep_'):] for n in dir(module)
                  if n.startswith('sweep_'))
@@ -72,17 +77,10 @@ def load_sweep(config: str, name: str) -> list[dict[str, Any]]:
   return points
 
 
-def format_value(value: Any) -> str:
-  """A Python value as config_flags parses it back."""
-  if isinstance(value, (tuple, list)):
-    return '(' + ','.join(format_value(v) for v in value) + (
-        ',)' if len(value) == 1 else ')')
-  return str(value) if not isinstance(value, float) else repr(value)
-
-
 def point_name(index: int, point: dict[str, Any]) -> str:
   """'03_lr=0.001_num_blocks=8': index plus the last key parts."""
-  parts = [f'{k.split(".")[-1]}={format_value(v)}' for k, v in point.items()]
+  parts = [f'{k.split(".")[-1]}={config_loader.format_value(v)}'
+           for k, v in point.items()]
   return re.sub(r'[^A-Za-z0-9._=+-]', '', '_'.join([f'{index:02d}'] + parts))
 
 
@@ -92,7 +90,7 @@ def train_args(config: str, workdir: str, point: dict[str, Any],
   args = ['-m', 'experiments.train', f'--config={config}',
           f'--workdir={workdir}']
   args += [f'--config.{kv}' for kv in overrides]
-  args += [f'--config.{k}={format_value(v)}' for k, v in point.items()]
+  args += config_loader.override_args(point)
   return args
 
 
@@ -160,20 +158,21 @@ def commands(config: str, sweep: str, root: str, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for flag, value in (('--config', _CONFIG.value), ('--sweep', _SWEEP.value),
-                      ('--workdir', _WORKDIR.value)):
+  FLAGS = flags.FLAGS
+  for flag, value in (('--config', FLAGS.config), ('--sweep', FLAGS.sweep),
+                      ('--workdir', FLAGS.workdir)):
     if not value:
       sys.exit(f'launch.sweep: error: {flag} is required.')
-  if _TPU.value and not _ZONE.value:
+  if FLAGS.tpu and not FLAGS.zone:
     sys.exit('launch.sweep: error: --tpu needs --zone.')
   try:
-    points = commands(_CONFIG.value, _SWEEP.value, _WORKDIR.value,
-                      overrides=_OVERRIDE.value, tpu=_TPU.value,
-                      zone=_ZONE.value, project=_PROJECT.value,
-                      remote_dir=_REMOTE_DIR.value)
+    points = commands(FLAGS.config, FLAGS.sweep, FLAGS.workdir,
+                      overrides=FLAGS.override, tpu=FLAGS.tpu,
+                      zone=FLAGS.zone, project=FLAGS.project,
+                      remote_dir=FLAGS.remote_dir)
   except ValueError as e:
     sys.exit(f'launch.sweep: error: {e}')
-  if _DRY_RUN.value:
+  if FLAGS.dry_run:
     for _, _, command in points:
       print(shlex.join(command))
     return
@@ -196,4 +195,5 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -68,13 +68,6 @@ def test_unknown_sweep_and_missing_zone_are_errors():
   assert result.returncode == 1 and '--tpu needs --zone' in result.stderr
 
 
-def test_format_value_round_trips_through_config_flags_syntax():
-  assert sweep.format_value((84, 102)) == '(84,102)'
-  assert sweep.format_value((10,)) == '(10,)'
-  assert sweep.format_value(1e-3) == '0.001'
-  assert sweep.format_value(True) == 'True'
-
-
 def test_local_sweep_runs_both_points_and_tabulates_them(tmp_path):
   root = str(tmp_path / 'sweep')
   env = testing.subprocess_env(cache_dir=str(tmp_path / 'cache'))
