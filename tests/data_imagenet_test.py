@@ -159,33 +159,6 @@ def test_each_epoch_sees_every_training_image_once(dirs):
       np.testing.assert_allclose(image.mean((0, 1)), _colour(label), atol=25)
 
 
-def test_mixup_and_cutmix(dirs):
-  plain = next(_train(dirs, seed=3))
-  mixed = next(_train(dirs, seed=3, mixup_alpha=0.4))
-  one_hot = np.eye(1000)[plain['labels']]
-  labels = mixed['labels']
-  assert labels.shape == (4, 1000) and labels.dtype == np.float32
-  # lam from the labels: an example's weight on its own class, read where
-  # its partner (the reversed batch) has another class.
-  i = next(i for i in range(4) if plain['labels'][i] != plain['labels'][3 - i])
-  lam = labels[i, plain['labels'][i]]
-  assert 0 < lam < 1
-  np.testing.assert_allclose(labels, lam * one_hot + (1 - lam) * one_hot[::-1],
-                             atol=1e-5)
-  np.testing.assert_allclose(
-      mixed['inputs'], lam * plain['inputs'] + (1 - lam) * plain['inputs'][::-1],
-      atol=1e-4)
-  cut = next(_train(dirs, seed=3, cutmix_alpha=1.0))
-  own = np.isclose(cut['inputs'], plain['inputs']).all(-1)  # [B, S, S]
-  other = np.isclose(cut['inputs'], plain['inputs'][::-1]).all(-1)
-  assert (own | other).all()
-  pasted = 1 - own.mean((1, 2))  # Fraction from the partner, where distinct.
-  for i in range(4):
-    if plain['labels'][i] != plain['labels'][3 - i]:
-      assert abs(cut['labels'][i, plain['labels'][3 - i]] - pasted[i]) < 0.05
-  np.testing.assert_allclose(cut['labels'].sum(-1), 1, atol=1e-5)
-
-
 def test_processes_get_disjoint_validation_shards(dirs):
   labels, steps = [], []
   for p in range(2):

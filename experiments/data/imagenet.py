@@ -11,15 +11,13 @@ ILSVRC2012_img_val.tar (validation labels come bundled with TFDS). Splits
 Training (`is_training=True`): Inception-style random crop (area 0.08-1 of
 the image, aspect ratio 3/4-4/3, decoded straight from the JPEG) resized
 bilinearly to S x S, random horizontal flip, RandAugment (`randaugment_layers`
-ops at `randaugment_magnitude`; 0 layers turns it off), then optional MixUp
-(`mixup_alpha`) and/or CutMix (`cutmix_alpha`) with the batch reversed as
-partner (both > 0: one of the two per batch, each with probability 1/2).
+ops at `randaugment_magnitude`; 0 layers turns it off). MixUp and CutMix are
+not done here: the runner mixes batches on the device (experiments/mixing.py,
+`config.mixup`), for every dataset alike.
 Evaluation: the central crop of side S/(S+32) of the short side, resized to
 S x S. Both normalise with the ImageNet MEAN and STD (of pixels in [0, 1]).
 
-Yields inputs float32 [B, S, S, 3]; labels int32 [B], or float32 [B, K] soft
-labels whenever MixUp or CutMix is on (label smoothing is the runner's);
-mask bool [B]. Position features and the fixed pixel permutation of the
+Yields inputs float32 [B, S, S, 3]; labels int32 [B]; mask bool [B]. Position features and the fixed pixel permutation of the
 "permuted ImageNet" experiment are the model's, applied to the crop.
 Training order and randomness: see `tfds_pipeline` (deterministic in seed and
 step; `start_step` resumes exactly).
@@ -99,58 +97,11 @@ def center_crop(jpeg, image_size):
   return tf.image.resize(image, [image_size, image_size], 'bilinear')
 
 
-def _beta(key, alpha):
-  g = tf.random.stateless_gamma([2], key, alpha=alpha)
-  return g[0] / (g[0] + g[1])
-
-
-def mixup_cutmix(batch, key, *, mixup_alpha, cutmix_alpha):
-  """MixUp or CutMix of a batch with its reverse; labels -> soft [B, K]."""
-  images = batch['inputs']  # [B, S, S, 3]
-  labels = tf.one_hot(batch['labels'], NUM_CLASSES)  # [B, K]
-  # tf.reverse: strided [::-1] slices of big tensors are ~20x slower.
-  partners = tf.reverse(images, [0])  # [B, S, S, 3]
-  k_choice, k_mixup, k_cutmix, k_box = tf.unstack(
-      tf.random.experimental.stateless_split(key, 4))
-
-  def mixup():
-    lam = _beta(k_mixup, mixup_alpha)
-    return lam * images + (1. - lam) * partners, lam
-
-  def cutmix():
-    lam = _beta(k_cutmix, cutmix_alpha)
-    h, w = images.shape[1], images.shape[2]
-    ratio = tf.sqrt(1. - lam)
-    cy, cx = tf.unstack(tf.random.stateless_uniform([2], k_box) * [h, w])
-    y0 = tf.cast(tf.clip_by_value(cy - ratio * h / 2, 0, h), tf.int32)
-    y1 = tf.cast(tf.clip_by_value(cy + ratio * h / 2, 0, h), tf.int32)
-    x0 = tf.cast(tf.clip_by_value(cx - ratio * w / 2, 0, w), tf.int32)
-    x1 = tf.cast(tf.clip_by_value(cx + ratio * w / 2, 0, w), tf.int32)
-    rows = tf.logical_and(tf.range(h) >= y0, tf.range(h) < y1)  # [S]
-    cols = tf.logical_and(tf.range(w) >= x0, tf.range(w) < x1)  # [S]
-    box = tf.cast(tf.logical_and(rows[:, None], cols[None, :]),
-                  tf.float32)[None, :, :, None]  # [1, S, S, 1]
-    area = tf.cast((y1 - y0) * (x1 - x0), tf.float32)
-    # Exact selection by 0/1 products (broadcast tf.where is slow).
-    return images * (1. - box) + partners * box, 1. - area / (h * w)
-
-  if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = tf.random.stateless_uniform([], k_choice) < 0.5
-    images, lam = tf.cond(use_cutmix, cutmix, mixup)
-  elif mixup_alpha > 0:
-    images, lam = mixup()
-  else:
-    images, lam = cutmix()
-  return {**batch, 'inputs': images,
-          'labels': lam * labels + (1. - lam) * tf.reverse(labels, [0])}
-
-
 def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
          start_step: int = 0, process_index: int = 0, process_count: int = 1,
          data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
          image_size: int = 224, randaugment_layers: int = 2,
-         randaugment_magnitude: float = 9., mixup_alpha: float = 0.,
-         cutmix_alpha: float = 0., shuffle_buffer: int = 10_000
+         randaugment_magnitude: float = 9., shuffle_buffer: int = 10_000
          ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of ImageNet crops; see the module docstring.
 
@@ -160,7 +111,6 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
       `imagenet2012` in `data_dir` if it is not prepared there.
     randaugment_layers, randaugment_magnitude: RandAugment's N and M
       (training only; N=0 disables it).
-    mixup_alpha, cutmix_alpha: Beta(alpha, alpha) mixing; 0 disables.
     shuffle_buffer: records in the training shuffle buffer.
   """
   _check_split(split)
@@ -187,12 +137,6 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
     return {'inputs': _normalise(image),
             'labels': tf.cast(example['label'], tf.int32)}
 
-  batch_transform = None
-  if mixup_alpha > 0 or cutmix_alpha > 0:
-    def batch_transform(batch, key):
-      return mixup_cutmix(batch, key, mixup_alpha=mixup_alpha,
-                          cutmix_alpha=cutmix_alpha)
   return tfds_pipeline.as_numpy(tfds_pipeline.train_dataset(
       builder, split, seed=seed, start_step=start_step,
-      shuffle_buffer=shuffle_buffer, preprocess=preprocess_train,
-      batch_transform=batch_transform, **common))
+      shuffle_buffer=shuffle_buffer, preprocess=preprocess_train, **common))

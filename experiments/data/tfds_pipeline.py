@@ -91,14 +91,12 @@ def train_dataset(
     shuffle_buffer: int,
     decoders: Optional[dict[str, Any]],
     preprocess: Callable[[Example, tf.Tensor], Example],
-    batch_transform: Optional[Callable[[Example, tf.Tensor], Example]] = None,
 ) -> tf.data.Dataset:
   """Infinite, deterministic training batches (see the module docstring).
 
   Args:
     preprocess: (decoded example, key [2]) -> example with `inputs`, `labels`;
       the key seeds all of the example's stateless random ops.
-    batch_transform: (batch, key [2]) -> batch, e.g. MixUp.
   """
   if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
     raise ValueError(f'{builder.name} in {builder.data_dir} is stored as '
@@ -142,11 +140,6 @@ def train_dataset(
   ds = ds.map(decode_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
-  if batch_transform is not None:
-    ds = ds.enumerate(start_step).map(
-        lambda step, batch: batch_transform(
-            batch, tf.random.experimental.stateless_fold_in(base, -1 - step)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.map(lambda b: {**b, 'mask': tf.ones([batch_size], tf.bool)})
   return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
 
