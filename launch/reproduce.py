@@ -17,7 +17,8 @@ of the paper-size model) is printed and written to ROOT/table_N.md.
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -29,45 +30,38 @@ from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
-import ml_collections
 
+from experiments import config_loader
 from experiments import model_summary
 from launch import sweep
 from launch import tables as tables_lib
 
-_TABLE = flags.DEFINE_integer('table', None, 'Paper table, 1-7.')
-_SCALE = flags.DEFINE_enum('scale', 'local', ['local', 'paper'],
-                           'local: CPU-scale stand-ins; paper: full scale.')
-_ROWS = flags.DEFINE_list('rows', None, 'Only these rows (by name).')
-_JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained at the same time.')
-# --workdir, --override, --dry_run, --tpu, --zone and --project are the sweep
-# launcher's flags (launch/sweep.py), with the same meaning here.
-FLAGS = flags.FLAGS
+
+def define_flags() -> None:
+  """The command line's flags (only when this module is the program):
+  --table, --scale, --rows, --jobs, and launch.sweep's --workdir, --override,
+  --dry_run, --tpu, --zone, --project and --remote_dir, meaning the same."""
+  flags.DEFINE_integer('table', None, 'Paper table, 1-7.')
+  flags.DEFINE_enum('scale', 'local', ['local', 'paper'],
+                    'local: CPU-scale stand-ins; paper: full scale.')
+  flags.DEFINE_list('rows', None, 'Only these rows (by name).')
+  flags.DEFINE_integer('jobs', 1, 'Runs trained at the same time.')
+  sweep.define_launch_flags()
 
 
-def load_config(spec: str, overrides: Sequence[tuple[str, Any]] = ()
-                ) -> ml_collections.ConfigDict:
-  """configs/NAME.py[:ARG] with dotted-key overrides applied."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location(
-      'config_' + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for key, value in overrides:
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f'{spec}: override {key!r} names no config field.')
-    node[leaf] = value
-  return config
+@dataclasses.dataclass
+class Reproduction:
+  """What a call of `reproduce` did: the markdown table, every cell's score
+  (None: trained without a result, or not run), and the cells that should
+  have produced a score but did not."""
+  text: str
+  results: dict[str, Optional[float]]
+  missing: list[str]
 
 
 def model_facts(run: tables_lib.Run) -> dict[str, float]:
   """Parameters and FLOPs per example of a run's paper-size model."""
-  s = model_summary.summarize(load_config(run.config, run.overrides))
+  s = model_summary.summarize(config_loader.load(run.config, run.overrides))
   return {'params': s['params'], 'flops': s['flops']}
 
 
@@ -144,9 +138,27 @@ def _score(metrics: Optional[dict[str, Any]], metric: str) -> Optional[float]:
   return 100.0 * float(metrics[metric])
 
 
-def markdown(table: tables_lib.Table, rows, facts, results, scale: str) -> str:
+def reference_scores(table: tables_lib.Table) -> dict[str, Optional[float]]:
+  """Each local reference's score (percent), computed from the data of its
+  config; None where the data is not prepared (the reason is printed)."""
+  scores = {}
+  for ref in table.references:
+    module_name, _, attr = ref.function.rpartition('.')
+    function = getattr(importlib.import_module(module_name), attr)
+    try:
+      scores[ref.label] = 100.0 * float(
+          function(config_loader.load(ref.config)))
+    except (OSError, ValueError) as e:
+      print(f'[reproduce] {ref.label}: not computed: {e}', flush=True)
+      scores[ref.label] = None
+  return scores
+
+
+def markdown(table: tables_lib.Table, rows, facts, results, scale: str,
+             references: Optional[dict[str, Optional[float]]] = None) -> str:
   """The table: per column the paper's number and this run's (for raw /
-  permuted tables also the change under permutation)."""
+  permuted tables also the change under permutation), then the local
+  references (e.g. the class-prior mAP) when given."""
   paired = table.columns == ('raw', 'permuted')
   head = ['Model']
   for c in table.columns:
@@ -174,8 +186,15 @@ def markdown(table: tables_lib.Table, rows, facts, results, scale: str) -> str:
     cells += [f'{f["params"] / 1e6:.2f}M' if f else '—',
               f'{f["flops"] / 1e9:.1f}' if f else '—']
     lines.append('| ' + ' | '.join(cells) + ' |')
-  where = (' — this run: CPU-scale stand-ins on Fashion-MNIST (test set)'
-           if scale == 'local' else '')
+  for ref in table.references if references is not None else ():
+    cells = [ref.label]
+    for column in table.columns:
+      value = references.get(ref.label) if column == ref.column else None
+      cells += ['—', fmt(value) if column == ref.column else '—']
+    cells += ['—'] * (len(head) - len(cells))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  where = (f' — this run: CPU-scale stand-ins on {table.local_data}'
+           if scale == 'local' and table.local_data else '')
   text = f'Table {table.number}: {table.title}{where}\n\n' + '\n'.join(lines)
   return text + (f'\n\n{table.note}' if table.note else '')
 
@@ -183,8 +202,8 @@ def markdown(table: tables_lib.Table, rows, facts, results, scale: str) -> str:
 def reproduce(number: int, *, scale: str, workdir: Optional[str],
               rows: Optional[Sequence[str]] = None, overrides=(),
               jobs: int = 1, dry_run: bool = False, tpu=None, zone=None,
-              project=None) -> str:
-  """Trains (or lists) a table's runs and returns the markdown table."""
+              project=None, remote_dir: str = '~/perceiver') -> Reproduction:
+  """Trains (or lists) a table's runs; returns the table and the scores."""
   if number not in tables_lib.TABLES:
     raise ValueError(f'--table must be one of {sorted(tables_lib.TABLES)}.')
   table = tables_lib.TABLES[number]
@@ -215,14 +234,15 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
         continue
       if tpu:
         command = sweep.tpu_command(args, tpu=tpu, zone=zone, project=project,
-                                    remote_dir='~/perceiver')
+                                    remote_dir=remote_dir)
       else:
         command = [sys.executable] + args
       cells.append((name, cell_dir, command, run))
   if dry_run:
     text = markdown(table, selected, facts, {}, scale)
-    return text + '\n\nCommands:\n' + '\n'.join(
+    text += '\n\nCommands:\n' + '\n'.join(
         shlex.join(c) for _, _, c, _ in cells)
+    return Reproduction(text, {}, [])
 
   os.makedirs(root, exist_ok=True)
   results_path = os.path.join(root, 'results.json')
@@ -242,36 +262,40 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
       with open(results_path, 'w') as f:
         json.dump(results, f, indent=2)
   elapsed = time.time() - start
-  text = markdown(table, selected, facts, results, scale)
+  references = reference_scores(table) if scale == 'local' else None
+  text = markdown(table, selected, facts, results, scale, references)
   text += (f'\n\nTrained and evaluated in {elapsed / 60:.1f} min '
            f'(this invocation; set-up excluded).')
   with open(os.path.join(root, f'table_{number}.md'), 'w') as f:
     f.write(text + '\n')
-  failed = [n for n, _, _, _ in cells if results.get(n) is None]
-  if failed:
-    text += f'\n\nRuns without a result: {failed}'
-  return text
+  missing = [n for n, _, _, _ in cells if results.get(n) is None]
+  if missing:
+    text += f'\n\nRuns without a result: {missing}'
+  return Reproduction(text, results, missing)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _TABLE.value is None:
+  FLAGS = flags.FLAGS
+  if FLAGS.table is None:
     sys.exit('launch.reproduce: error: --table is required (1-7).')
   if FLAGS.tpu and not FLAGS.zone:
     sys.exit('launch.reproduce: error: --tpu needs --zone.')
   try:
-    text = reproduce(_TABLE.value, scale=_SCALE.value, workdir=FLAGS.workdir,
-                     rows=_ROWS.value, overrides=FLAGS.override,
-                     jobs=_JOBS.value, dry_run=FLAGS.dry_run, tpu=FLAGS.tpu,
-                     zone=FLAGS.zone, project=FLAGS.project)
+    result = reproduce(FLAGS.table, scale=FLAGS.scale, workdir=FLAGS.workdir,
+                       rows=FLAGS.rows, overrides=FLAGS.override,
+                       jobs=FLAGS.jobs, dry_run=FLAGS.dry_run, tpu=FLAGS.tpu,
+                       zone=FLAGS.zone, project=FLAGS.project,
+                       remote_dir=FLAGS.remote_dir)
   except ValueError as e:
     sys.exit(f'launch.reproduce: error: {e}')
-  print(text, flush=True)
-  if 'Runs without a result' in text:
+  print(result.text, flush=True)
+  if result.missing:
     sys.exit(1)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=lambda argv: flags.FLAGS(
       [a.replace('--dry-run', '--dry_run', 1) for a in argv]))
