@@ -1,8 +1,11 @@
-r"""Reproduces one of the paper's Tables 1-7 (launch/tables.py).
+r"""Reproduces the paper's Tables 1-7 (launch/tables.py), one or all.
 
-  # CPU scale, Fashion-MNIST stand-ins (the README's main job is Table 2):
-  python -m launch.reproduce --table=2 --scale=local --rows=perceiver,resnet50_ff \
-      --workdir=workdirs/table2
+  # CPU scale (the README's main job is Table 2 on Fashion-MNIST; Table 3
+  # needs the drums set, Table 4 the KiCad point set: experiments/data/prepare.py):
+  python -m launch.reproduce --table=2 --scale=local --workdir=workdirs/table2
+  python -m launch.reproduce --table=4 --scale=local --jobs=2
+  # Every table, one REPORT.md with each table, figure and finding:
+  python -m launch.reproduce --table=all --scale=local --jobs=2
   # Paper scale: list the runs with parameters and FLOPs, or launch them
   # (locally one after another, or on every worker of a Cloud TPU VM):
   python -m launch.reproduce --table=6 --scale=paper --dry-run
@@ -12,7 +15,10 @@ r"""Reproduces one of the paper's Tables 1-7 (launch/tables.py).
 Every cell trains with `python -m experiments.train` in its own workdir
 (ROOT/ROW_COLUMN), so an interrupted reproduction resumes where it stopped.
 The table (paper's number, this run's number, parameters and FLOPs per example
-of the paper-size model) is printed and written to ROOT/table_N.md.
+of the paper-size model) is printed and written to ROOT/table_N.md; at local
+scale also its figure (ROOT/table_N.png, launch/report.py) and one line
+saying whether the paper's finding holds at this scale. The exit status is 1
+when a cell that should have a score has none.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from absl import flags
 
 from experiments import config_loader
 from experiments import model_summary
+from launch import report
 from launch import sweep
 from launch import tables as tables_lib
 
@@ -41,7 +48,8 @@ def define_flags() -> None:
   """The command line's flags (only when this module is the program):
   --table, --scale, --rows, --jobs, and launch.sweep's --workdir, --override,
   --dry_run, --tpu, --zone, --project and --remote_dir, meaning the same."""
-  flags.DEFINE_integer('table', None, 'Paper table, 1-7.')
+  flags.DEFINE_string('table', None, "Paper table, 1-7, or 'all' (every "
+                      'table, one REPORT.md).')
   flags.DEFINE_enum('scale', 'local', ['local', 'paper'],
                     'local: CPU-scale stand-ins; paper: full scale.')
   flags.DEFINE_list('rows', None, 'Only these rows (by name).')
@@ -199,11 +207,29 @@ def markdown(table: tables_lib.Table, rows, facts, results, scale: str,
   return text + (f'\n\n{table.note}' if table.note else '')
 
 
+def config_key(run: tables_lib.Run, scale: str, overrides=()) -> str:
+  """The fully resolved config a cell trains and evaluates, as text: two
+  cells with the same key (e.g. Table 1's and Table 2's raw Perceiver) are
+  the same experiment."""
+  config = run.config if scale == 'paper' else run.local_config
+  point = list(run.overrides if scale == 'paper' else run.local_overrides)
+  if run.eval_split:
+    point.append(('eval_split', run.eval_split))
+  loaded = config_loader.load(config, point + [
+      tuple(o.split('=', 1)) for o in overrides])
+  return json.dumps(loaded.to_dict(), sort_keys=True, default=str)
+
+
 def reproduce(number: int, *, scale: str, workdir: Optional[str],
               rows: Optional[Sequence[str]] = None, overrides=(),
               jobs: int = 1, dry_run: bool = False, tpu=None, zone=None,
-              project=None, remote_dir: str = '~/perceiver') -> Reproduction:
-  """Trains (or lists) a table's runs; returns the table and the scores."""
+              project=None, remote_dir: str = '~/perceiver',
+              shared: Optional[dict[str, float]] = None) -> Reproduction:
+  """Trains (or lists) a table's runs; returns the table and the scores.
+
+  `shared`: scores of experiments already run for other tables, by
+  `config_key`; a cell found there is not trained again, and the cells
+  scored here are added to it."""
   if number not in tables_lib.TABLES:
     raise ValueError(f'--table must be one of {sorted(tables_lib.TABLES)}.')
   table = tables_lib.TABLES[number]
@@ -251,6 +277,14 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
     with open(results_path) as f:
       results = json.load(f)
   start = time.time()
+  keys = {}
+  if shared is not None:
+    for name, _, _, run in cells:
+      keys[name] = config_key(run, scale, overrides)
+      if name not in results and shared.get(keys[name]) is not None:
+        results[name] = shared[keys[name]]
+        print(f'[reproduce] {name}: the same experiment was run for another '
+              f'table ({results[name]:.1f})', flush=True)
   # Cells that evaluate another cell's run wait for it: run them afterwards.
   first = [c for c in cells if c[0] not in results and not c[3].eval_split]
   second = [c for c in cells if c[0] not in results and c[3].eval_split]
@@ -259,11 +293,17 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
     for name, cell_dir, _, run in group:
       if codes[name] == 0:
         results[name] = _score(sweep.read_metrics(cell_dir), run.metric)
+        if shared is not None and results[name] is not None:
+          shared[keys[name]] = results[name]
       with open(results_path, 'w') as f:
         json.dump(results, f, indent=2)
   elapsed = time.time() - start
   references = reference_scores(table) if scale == 'local' else None
   text = markdown(table, selected, facts, results, scale, references)
+  if scale == 'local':
+    text += '\n\n' + report.reading(number, results, references).line()
+    report.figure(table, selected, results,
+                  os.path.join(root, f'table_{number}.png'), cell_name)
   text += (f'\n\nTrained and evaluated in {elapsed / 60:.1f} min '
            f'(this invocation; set-up excluded).')
   with open(os.path.join(root, f'table_{number}.md'), 'w') as f:
@@ -274,20 +314,67 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
   return Reproduction(text, results, missing)
 
 
+def reproduce_all(*, scale: str, workdir: Optional[str], overrides=(),
+                  jobs: int = 1) -> Reproduction:
+  """Every table in turn (each in ROOT/table_N), an experiment shared by
+  several tables trained once; writes ROOT/REPORT.md with each table, its
+  figure and its finding's reading."""
+  root = workdir or f'workdirs/report_{scale}'
+  os.makedirs(root, exist_ok=True)
+  shared_path = os.path.join(root, 'shared_results.json')
+  shared = {}
+  if os.path.exists(shared_path):
+    with open(shared_path) as f:
+      shared = json.load(f)
+  start = time.time()
+  sections, results, missing = [], {}, []
+  for number in sorted(tables_lib.TABLES):
+    result = reproduce(number, scale=scale, workdir=os.path.join(
+        root, f'table_{number}'), overrides=overrides, jobs=jobs,
+                       shared=shared)
+    with open(shared_path, 'w') as f:
+      json.dump(shared, f, indent=2)
+    results.update({f'table_{number}/{k}': v
+                    for k, v in result.results.items()})
+    missing += [f'table_{number}/{n}' for n in result.missing]
+    figure = f'table_{number}/table_{number}.png'
+    sections.append(f'## Table {number}\n\n{result.text}\n\n'
+                    f'![Table {number}]({figure})')
+  elapsed = time.time() - start
+  text = (f'# The paper\'s tables at {scale} scale\n\nEvery table of the '
+          'paper with its numbers beside this run\'s, and whether its '
+          'finding holds here. Written by `python -m launch.reproduce '
+          f'--table=all --scale={scale}` in {elapsed / 60:.1f} min (this '
+          'invocation; runs finished earlier were not repeated).\n\n'
+          + '\n\n'.join(sections) + '\n')
+  with open(os.path.join(root, 'REPORT.md'), 'w') as f:
+    f.write(text)
+  return Reproduction(text, results, missing)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   FLAGS = flags.FLAGS
   if FLAGS.table is None:
-    sys.exit('launch.reproduce: error: --table is required (1-7).')
+    sys.exit("launch.reproduce: error: --table is required (1-7 or 'all').")
   if FLAGS.tpu and not FLAGS.zone:
     sys.exit('launch.reproduce: error: --tpu needs --zone.')
   try:
-    result = reproduce(FLAGS.table, scale=FLAGS.scale, workdir=FLAGS.workdir,
-                       rows=FLAGS.rows, overrides=FLAGS.override,
-                       jobs=FLAGS.jobs, dry_run=FLAGS.dry_run, tpu=FLAGS.tpu,
-                       zone=FLAGS.zone, project=FLAGS.project,
-                       remote_dir=FLAGS.remote_dir)
+    if FLAGS.table == 'all':
+      if FLAGS.dry_run or FLAGS.tpu or FLAGS.rows:
+        raise ValueError('--table=all takes no --dry_run, --tpu or --rows.')
+      result = reproduce_all(scale=FLAGS.scale, workdir=FLAGS.workdir,
+                             overrides=FLAGS.override, jobs=FLAGS.jobs)
+    else:
+      if not FLAGS.table.isdigit():
+        raise ValueError(f"--table must be 1-7 or 'all', not {FLAGS.table!r}.")
+      result = reproduce(int(FLAGS.table), scale=FLAGS.scale,
+                         workdir=FLAGS.workdir, rows=FLAGS.rows,
+                         overrides=FLAGS.override, jobs=FLAGS.jobs,
+                         dry_run=FLAGS.dry_run, tpu=FLAGS.tpu,
+                         zone=FLAGS.zone, project=FLAGS.project,
+                         remote_dir=FLAGS.remote_dir)
   except ValueError as e:
     sys.exit(f'launch.reproduce: error: {e}')
   print(result.text, flush=True)

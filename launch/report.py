@@ -1,0 +1,203 @@
+"""Each table's finding, read from this run's scores, and its figure.
+
+A finding is the paper's qualitative claim for a table (launch/tables.py),
+checked on the scores of a reproduction: `reading(number, scores, refs)`
+returns whether it holds at this scale and by how much, in one line. The
+thresholds are the paper's own contrasts, fixed here for every scale:
+
+  Table 2  models with a locality prior (ResNet, ViT) lose at least 2.5
+           points under the permutation; the others stay within 0.5.
+
+`figure` draws a table as grouped bars (this run per column) beside the
+paper's numbers, as a PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from launch import tables as tables_lib
+
+Scores = dict[str, Optional[float]]  # cell name -> score in percent
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  claim: str  # the paper's finding
+  holds: Optional[bool]  # None: a score it needs is missing
+  detail: str  # this run's figures behind the verdict
+
+  def line(self) -> str:
+    verdict = {True: 'holds', False: 'does not hold',
+               None: 'not measured'}[self.holds]
+    return f'{self.claim}: **{verdict}** at this scale ({self.detail}).'
+
+
+def _get(scores: Scores, *names: str) -> Optional[list[float]]:
+  values = [scores.get(n) for n in names]
+  return None if any(v is None for v in values) else values
+
+
+def _fmt(v: float) -> str:
+  return f'{v:+.1f}'
+
+
+def _table1(s: Scores, refs: Scores) -> Reading:
+  claim = ('The Perceiver (FF) matches or beats the baselines given the same '
+           'Fourier features (paper: 78.0 vs 73.5 / 76.7 / 57.0)')
+  names = ['resnet50_ff_top1', 'vit_b16_ff_top1', 'transformer_top1']
+  got = _get(s, 'perceiver_top1', *names)
+  if got is None:
+    return Reading(claim, None, 'scores missing')
+  best = max(got[1:])
+  return Reading(claim, got[0] >= best,
+                 f'Perceiver {got[0]:.1f}, best FF baseline {best:.1f}, '
+                 f'margin {_fmt(got[0] - best)}')
+
+
+LOCALITY_DROP = 2.5  # points a locality-prior model must lose (Table 2)
+INVARIANT_BAND = 0.5  # points within which the others must stay
+
+
+def _table2(s: Scores, refs: Scores) -> Reading:
+  claim = ('Permuting the pixels hurts the models with a locality prior '
+           f'(ResNet, ViT: >= {LOCALITY_DROP} points lost) and not the others '
+           f'(within {INVARIANT_BAND})')
+  local = ('resnet50_ff', 'vit_b16_ff')
+  other = ('transformer', 'perceiver', 'perceiver_learned_pos')
+  changes, holds = [], True
+  for name in local + other:
+    got = _get(s, f'{name}_raw', f'{name}_permuted')
+    if got is None:
+      changes.append(f'{name} not measured')
+      holds = None if holds is not False else False
+      continue
+    change = got[1] - got[0]
+    changes.append(f'{name} {_fmt(change)}')
+    ok = (change <= -LOCALITY_DROP if name in local
+          else abs(change) <= INVARIANT_BAND)
+    if not ok:
+      holds = False
+  return Reading(claim, holds, 'permuted - raw: ' + ', '.join(changes))
+
+
+def _table3(s: Scores, refs: Scores) -> Reading:
+  claim = ('The Perceiver learns audio from raw samples about as well as '
+           'from mel spectrograms (paper: 38.3 vs 38.4 mAP), both far above '
+           'chance')
+  got = _get(s, 'raw_audio', 'mel_audio')
+  prior = next(iter(refs.values()), None) if refs else None
+  if got is None or prior is None:
+    return Reading(claim, None, 'scores missing')
+  raw, mel = got
+  return Reading(claim, min(raw, mel) > prior,
+                 f'raw {raw:.1f}, mel {mel:.1f} mAP (raw - mel '
+                 f'{_fmt(raw - mel)}), class prior {prior:.1f}')
+
+
+def _table4(s: Scores, refs: Scores) -> Reading:
+  claim = ('On point clouds the Perceiver beats the grid-based baselines '
+           '(ResNet, ViT, Transformer; paper: 85.7 vs at most 82.1), '
+           'PointNet++ (3-D locality built in) stays ahead (91.9)')
+  grid = [n for n in ('resnet50_ff_top1', 'vit_b4_top1', 'transformer_top1')
+          if s.get(n) is not None]
+  perceiver, pointnet = s.get('perceiver_top1'), s.get('pointnet2_top1')
+  if perceiver is None or not grid:
+    return Reading(claim, None, 'scores missing')
+  best = max(s[n] for n in grid)
+  detail = (f'Perceiver {perceiver:.1f}, best grid baseline {best:.1f} '
+            f'({_fmt(perceiver - best)})')
+  if pointnet is not None:
+    detail += f', PointNet++ {pointnet:.1f}'
+  majority = next(iter(refs.values()), None) if refs else None
+  if majority is not None:
+    detail += f', majority class {majority:.1f}'
+  return Reading(claim, perceiver > best and (
+      pointnet is None or pointnet >= perceiver), detail)
+
+
+def _table5(s: Scores, refs: Scores) -> Reading:
+  claim = ('Without a latent Transformer, more cross-attends help '
+           '(paper: 4 -> 39.4, 8 -> 45.3)')
+  got = _get(s, '4_cross_attends_top1', '8_cross_attends_top1')
+  if got is None:
+    return Reading(claim, None, 'scores missing')
+  return Reading(claim, got[1] > got[0],
+                 f'4: {got[0]:.1f}, 8: {got[1]:.1f} ({_fmt(got[1] - got[0])})')
+
+
+def _table6(s: Scores, refs: Scores) -> Reading:
+  claim = ('Interleaving the cross-attends beats putting them all at the '
+           'start (paper, 8 cross-attends: 78.0 vs 73.7)')
+  counts = [c for c in (2, 4, 8)
+            if _get(s, f'{c}_interleaved_top1', f'{c}_start_top1')]
+  if not counts:
+    return Reading(claim, None, 'scores missing')
+  c = max(counts)
+  inter, start = _get(s, f'{c}_interleaved_top1', f'{c}_start_top1')
+  return Reading(claim, inter > start,
+                 f'{c} cross-attends: interleaved {inter:.1f}, at start '
+                 f'{start:.1f} ({_fmt(inter - start)})')
+
+
+def _table7(s: Scores, refs: Scores) -> Reading:
+  claim = ('Sharing weights reduces overfitting: the train - valid gap is '
+           'larger without sharing (paper: 14.8 vs 1.5 points)')
+  got = _get(s, 'no_sharing_valid', 'no_sharing_train', 'sharing_valid',
+             'sharing_train')
+  if got is None:
+    return Reading(claim, None, 'scores missing')
+  gap_no, gap_yes = got[1] - got[0], got[3] - got[2]
+  return Reading(claim, gap_no > gap_yes,
+                 f'gap without sharing {gap_no:.1f}, with sharing '
+                 f'{gap_yes:.1f}')
+
+
+READINGS: dict[int, Callable[[Scores, Scores], Reading]] = {
+    1: _table1, 2: _table2, 3: _table3, 4: _table4, 5: _table5, 6: _table6,
+    7: _table7}
+
+
+def reading(number: int, scores: Scores, refs: Optional[Scores] = None
+            ) -> Reading:
+  return READINGS[number](scores, refs or {})
+
+
+def figure(table: tables_lib.Table, rows, scores: Scores, path: str,
+           cell_name: Callable[[tables_lib.Row, str], str]) -> None:
+  """Grouped bars, one group per row and one bar per column: this run
+  (left panel) and the paper (right panel), saved as a PNG at `path`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  labels = [row.label for row in rows]
+  width = 0.8 / len(table.columns)
+  x = np.arange(len(rows))
+  fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(rows), 4.2),
+                           sharey=False)
+  for ax, title, value in (
+      (axes[0], f'this run: {table.local_data}' if table.local_data
+       else 'this run', lambda row, c, run: scores.get(cell_name(row, c))),
+      (axes[1], 'paper', lambda row, c, run: run.paper)):
+    for i, column in enumerate(table.columns):
+      heights = []
+      for row in rows:
+        run = row.runs[i]
+        v = None if run is None else value(row, column, run)
+        heights.append(np.nan if v is None else v)
+      bars = ax.bar(x + (i - (len(table.columns) - 1) / 2) * width, heights,
+                    width, label=column)
+      ax.bar_label(bars, fmt='%.1f', fontsize=7, padding=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(x, labels, rotation=25, ha='right', fontsize=8)
+    ax.set_ylabel(table.title.split(',')[-1].strip() if ',' in table.title
+                  else table.title, fontsize=8)
+    if len(table.columns) > 1:
+      ax.legend(fontsize=8)
+  fig.suptitle(f'Table {table.number}: {table.title}', fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
