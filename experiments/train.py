@@ -43,6 +43,7 @@ from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_impl
 
 from experiments import checkpointing
 from experiments import evaluation
@@ -159,8 +160,8 @@ def train_loop(config, state: TrainState, train_step, batches: Iterator,
       continue
     host = parallel.fetch(sums)
     if host['nonfinite'] > 0:
-      kept = (f'the last good (verified) checkpoint is step {last_saved} '
-              f'in {checkpointer.directory}' if last_saved is not None
+      kept = (f'the last good checkpoint is step {last_saved} in '
+              f'{checkpointer.directory}' if last_saved is not None
               else 'no checkpoint was saved')
       raise NonFiniteLossError(
           f'Loss or gradient became NaN/inf between steps '
@@ -313,7 +314,7 @@ def unknown_override(argv: list[str]) -> Optional[str]:
   if path is None:
     return None
   try:
-    config = config_flags.ConfigFileFlagParser(name='config').parse(path)
+    config = config_flags_impl.ConfigFileFlagParser(name='config').parse(path)
   except Exception:  # pylint: disable=broad-exception-caught
     return None
   for arg in argv:
