@@ -12,8 +12,9 @@ with patch_size > 1).
                   example, each latent's M logits drawn over the input grid
                   (un-permuted for a permuted model), beside the input.
 
-The checkpoint is restored with the runner's own code (train.restore_or_init)
-and the config the run saved (workdir/config.json).
+The checkpoint is restored with the runner's one restore function
+(checkpointing.restore, parameters and model state only) and the config the
+run saved (workdir/config.json).
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ import ml_collections
 import numpy as np
 
 from experiments import checkpointing
+from experiments import evaluation
 from experiments import metric_writers
 from experiments import modeling
-from experiments import optimizers
 from experiments import parallel
 from experiments import setup
 from experiments import steps as steps_lib
-from experiments import train
 import perceiver
 
 CURVES_NAME = 'curves.png'
@@ -237,33 +237,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore(config, workdir: str) -> tuple[Any, steps_lib.TrainState]:
-  """(model, the latest checkpointed TrainState), as the runner resumes."""
+def restore(config, workdir: str) -> tuple[Any, evaluation.Restored]:
+  """(model, parameters and model state of the newest intact checkpoint),
+  restored by the runner's one restore function without the optimizer."""
   directory = epath.Path(workdir) / 'checkpoints'
   if not directory.is_dir() or not any(
       p.name.isdigit() for p in directory.iterdir()):
     raise FigureError(f'no checkpoint in {directory}: train first (or wait '
                       'for the first checkpoint_every_steps).')
-  mesh = parallel.make_mesh()
-  # The optimizer (its state is part of the checkpoint) as the runner makes
-  # it; an epoch-based schedule asks the dataset for its size.
-  with _data_errors(config):
-    dataset = setup.dataset_module(config)
-    total_steps = setup.num_train_steps(config, dataset)
   model = steps_lib.build_model(config)
-  optimizer, _ = optimizers.from_config(
-      config, total_steps=total_steps,
-      steps_per_epoch=setup.steps_per_epoch_fn(config, dataset))
-  checkpointer = checkpointing.Checkpointer(os.fspath(directory),
-                                            max_to_keep=None)
   try:
-    if checkpointer.latest_step() is None:
-      raise FigureError(f'no complete checkpoint in {directory}.')
-    state = train.restore_or_init(config, model, optimizer, mesh,
-                                  checkpointer)
-  finally:
-    checkpointer.close()
-  return model, state
+    restored = evaluation.restore_model(config, model, os.fspath(workdir),
+                                        parallel.make_mesh())
+  except checkpointing.CheckpointError as e:
+    raise FigureError(str(e)) from None
+  return model, restored
 
 
 @contextlib.contextmanager

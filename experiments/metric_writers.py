@@ -4,6 +4,11 @@ Only process 0 writes files (`enabled=False` elsewhere). Files in the workdir:
   metrics.jsonl      one JSON object per write: {"step": s, name: value, ...}
   tensorboard/       TensorBoard event files (tf.summary), one scalar per name
 TensorFlow is imported only by process 0, when it opens the event file.
+
+A resumed run passes `resume_from=step` (the restored step, 0 for a fresh
+start): metrics.jsonl then loses the lines of later steps (and a line torn by
+a kill), and a scalar that the kept lines already hold for a step is not
+written again, so each (step, name) appears once.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 from absl import logging
 from etils import epath
@@ -31,14 +36,17 @@ class MetricWriter:
   """Writes dicts of scalars against a step."""
 
   def __init__(self, workdir: str, *, enabled: bool = True,
-               tensorboard: bool = True):
+               tensorboard: bool = True, resume_from: Optional[int] = None):
     self._enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._recorded: set[tuple[int, str]] = set()
     if not enabled:
       return
     workdir = epath.Path(workdir)  # Local paths and gs:// alike.
     workdir.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+      self._keep_until(workdir / JSONL_NAME, resume_from)
     self._jsonl = (workdir / JSONL_NAME).open('a')
     if tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -55,8 +63,35 @@ class MetricWriter:
       self._tb = tf.summary.create_file_writer(
           os.fspath(workdir / TENSORBOARD_DIR))
 
+  def _keep_until(self, path: epath.Path, step: int) -> None:
+    """Drops the lines of steps after `step` (and unreadable ones);
+    remembers what the kept lines record."""
+    if not path.exists():
+      return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+        if int(record['step']) > step:
+          continue
+      except (ValueError, KeyError, TypeError):
+        continue
+      kept.append(line)
+      self._recorded.update((int(record['step']), k) for k in record)
+    if len(kept) != len(lines):
+      logging.info('%s: dropped %d lines past the restored step %d.', path,
+                   len(lines) - len(kept), step)
+      tmp = path.parent / (path.name + '.tmp')
+      tmp.write_text(''.join(line + '\n' for line in kept))
+      tmp.replace(path)
+
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
+      return
+    scalars = {k: v for k, v in scalars.items()
+               if (int(step), k) not in self._recorded}
+    if not scalars:
       return
     record = {'step': int(step)}
     record.update({k: _plain(v) for k, v in scalars.items()})

@@ -9,21 +9,32 @@ Multi-host: one process per host (or per GPU) with
 environment variables); on Cloud TPU VMs the processes find each other
 automatically.
 
-Composition: mesh -> data -> model -> optimizer -> state -> restore-or-init ->
-loop -> evaluate. Files in the workdir: config.json (the resolved config),
-checkpoints/ (orbax), metrics.jsonl and tensorboard/ (process 0).
-Rerunning the same command resumes from the latest checkpoint.
+Composition: mesh -> data -> workdir -> model -> optimizer -> state ->
+restore-or-init -> loop -> evaluate. Files in the workdir: config.json (the
+resolved config), run.lock (the running process), checkpoints/ (orbax, each
+step with its SHA256SUMS), metrics.jsonl and tensorboard/ (process 0).
+
+Rerunning the same command resumes from the newest intact checkpoint (see
+experiments/checkpointing.py); resuming with a config that differs in more
+than run length and cadences needs --allow_config_change. One run per
+workdir: a second one stops with an error.
+
+Exit codes: 0 done; 1 the loss became NaN/inf; 2 a config, flag, data or
+workdir mistake (found before compiling); 74 a checkpoint or workdir file
+could not be written or read (disk full, permissions); 128+N stopped by
+signal N (checkpoint saved: rerun to resume).
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import glob
 import json
 import os
-import re
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from absl import app
 from absl import flags
@@ -32,6 +43,7 @@ from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_impl
 
 from experiments import checkpointing
 from experiments import evaluation
@@ -46,6 +58,7 @@ from experiments import steps as steps_lib
 
 TrainState = steps_lib.TrainState
 
+EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR
 
 ConfigError = setup.ConfigError
 # Re-exported for callers of the runner's API.
@@ -77,19 +90,43 @@ def static_facts(config, model, params, model_state) -> dict[str, float]:
 
 
 def restore_or_init(config, model, optimizer, mesh,
-                    checkpointer: checkpointing.Checkpointer) -> TrainState:
-  """The latest checkpoint of the workdir if there is one, else a fresh
-  state."""
-  step = checkpointer.latest_step()
+                    checkpointer: checkpointing.Checkpointer
+                    ) -> tuple[TrainState, Optional[int]]:
+  """(state, its step) of the newest intact checkpoint of the workdir (the
+  damaged ones are moved aside), else (a fresh state, None)."""
+  abstract = steps_lib.abstract_train_state(config, model, optimizer, mesh)
+  step, restored = checkpointing.restore(checkpointer, abstract._asdict(),
+                                         set_aside=True)
   if step is None:
     logging.info('No checkpoint in %s: initialising from seed %d.',
                  checkpointer.directory, config.seed)
-    return steps_lib.create_train_state(config, model, optimizer, mesh)
+    return steps_lib.create_train_state(config, model, optimizer, mesh), None
   logging.info('Resuming from the checkpoint of step %d in %s.', step,
                checkpointer.directory)
-  abstract = steps_lib.abstract_train_state(config, model, optimizer, mesh)
-  restored = checkpointer.restore(abstract._asdict(), step)
-  return TrainState(**restored)
+  return TrainState(**restored), step
+
+
+def prepare_workdir(config, workdir: str, *, allow_config_change: bool
+                    ) -> Optional[setup.WorkdirLock]:
+  """Process 0: the workdir is writable, locked by this run, and holds this
+  config (or none). ConfigError otherwise. Returns the lock (None on other
+  processes and on remote workdirs)."""
+  if jax.process_index() != 0:
+    return None
+  setup.check_workdir(workdir)
+  lock = None if '://' in workdir else setup.WorkdirLock(workdir)
+  try:
+    directory = epath.Path(workdir) / 'checkpoints'
+    steps = sorted(int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit()) if directory.is_dir() else []
+    setup.check_resumed_config(config, workdir,
+                               step=steps[-1] if steps else None,
+                               allow_change=allow_config_change)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  return lock
 
 
 # ----------------------------------------------------------------- loop ----
@@ -106,7 +143,7 @@ def train_loop(config, state: TrainState, train_step, batches: Iterator,
   checkpoints on the configured cadence. Metrics leave the device only when
   they are logged or a checkpoint is due (the finite-loss check)."""
   step = int(parallel.fetch(state.step))
-  last_saved = checkpointer.latest_step()
+  last_saved = step if step else None  # restored, hence verified
   sums = steps_lib.zero_metrics(mesh)
   tick, tick_step = time.time(), step
   while step < total_steps:
@@ -159,35 +196,52 @@ def train_loop(config, state: TrainState, train_step, batches: Iterator,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh=None) -> dict[str, Any]:
+                       mesh=None, dataset=None,
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (resuming from workdir) and evaluates; returns the final
   evaluation metrics, or {'stopped_at': step, 'signal': n} when a stop
-  request ended the run early."""
-  check_config(config)
+  request ended the run early. `dataset`: the module check_config returned
+  (it is checked here if not given)."""
+  if dataset is None:
+    dataset = check_config(config)
   mesh = mesh or parallel.make_mesh()
   train_batch, _ = setup.batch_sizes(config, mesh)
-  dataset = dataset_module(config)
   setup.check_data(config, dataset)
   total_steps = num_train_steps(config, dataset)
+  with contextlib.ExitStack() as cleanup:
+    lock = prepare_workdir(config, workdir,
+                           allow_config_change=allow_config_change)
+    if lock is not None:
+      cleanup.callback(lock.release)
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, 'checkpoints'),
+        max_to_keep=config.keep_checkpoints)
+    cleanup.callback(checkpointer.close)
+    latest = checkpointer.latest_step() or 0
+    if latest < total_steps:  # A disk still full: say so before compiling.
+      every = config.checkpoint_every_steps
+      checkpointer.check_space(min(total_steps, (latest // every + 1) * every))
+    return _train(config, workdir, dataset, mesh, train_batch, total_steps,
+                  checkpointer, cleanup)
+
+
+def _train(config, workdir, dataset, mesh, train_batch, total_steps,
+           checkpointer, cleanup) -> dict[str, Any]:
+  """train_and_evaluate from the model on."""
   model = steps_lib.build_model(config)
   optimizer, schedule = optimizers.from_config(
       config, total_steps=total_steps,
       steps_per_epoch=steps_per_epoch_fn(config, dataset))
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
-  checkpointer = checkpointing.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
-      max_to_keep=config.keep_checkpoints)
-  state = restore_or_init(config, model, optimizer, mesh, checkpointer)
-  writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+  state, restored = restore_or_init(config, model, optimizer, mesh,
+                                    checkpointer)
+  writer = metric_writers.MetricWriter(
+      workdir, enabled=jax.process_index() == 0, resume_from=restored or 0)
+  cleanup.callback(writer.close)
   start = int(parallel.fetch(state.step))
   facts = static_facts(config, model, state.params, state.state)
   facts.update(total_steps=total_steps, global_batch_size=config.batch_size)
   metric_writers.log_scalars('static', start, facts)
-  writer.write_scalars(start, facts)
+  writer.write_scalars(0, facts)  # once per workdir (kept on resume)
 
   eval_step = steps_lib.make_eval_step(config, model, mesh)
   evaluate_fn = lambda s: evaluate(config, s, eval_step, dataset, mesh)
@@ -197,30 +251,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          process_count=jax.process_count(),
                          **config.data.to_dict())
   stop = checkpointing.StopRequest(multi_process=jax.process_count() > 1)
-  try:
-    state = train_loop(
-        config, state, steps_lib.make_train_step(config, model, optimizer,
-                                                 mesh),
-        batches, mesh, total_steps=total_steps, schedule=schedule,
-        checkpointer=checkpointer, writer=writer, stop=stop,
-        evaluate_fn=evaluate_fn)
-    checkpointer.wait()
-    step = int(parallel.fetch(state.step))
-    if stop.signum is not None and step < total_steps:
-      logging.warning('Stopped by signal %d at step %d; checkpoint saved. '
-                      'Run the same command to resume.', stop.signum, step)
-      return {'stopped_at': step, 'signal': stop.signum}
-    result = evaluate_fn(state)
-    metric_writers.log_scalars('final eval', step, result)
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
-    if is_chief:
-      (epath.Path(workdir) / 'final_metrics.json').write_text(
-          json.dumps(dict(result, step=step), indent=2))
-    return result
-  finally:
-    stop.restore_handlers()
-    checkpointer.close()
-    writer.close()
+  cleanup.callback(stop.restore_handlers)
+  state = train_loop(
+      config, state, steps_lib.make_train_step(config, model, optimizer,
+                                               mesh),
+      batches, mesh, total_steps=total_steps, schedule=schedule,
+      checkpointer=checkpointer, writer=writer, stop=stop,
+      evaluate_fn=evaluate_fn)
+  step = int(parallel.fetch(state.step))
+  if stop.signum is not None and step < total_steps:
+    logging.warning('Stopped by signal %d at step %d; checkpoint saved. '
+                    'Run the same command to resume.', stop.signum, step)
+    return {'stopped_at': step, 'signal': stop.signum}
+  result = evaluate_fn(state)
+  metric_writers.log_scalars('final eval', step, result)
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'final_metrics.json').write_text(
+        json.dumps(dict(result, step=step), indent=2))
+  return result
 
 
 # ----------------------------------------------------------------- main ----
@@ -243,6 +292,10 @@ def define_flags() -> None:
       'distributed', 'auto', ['auto', 'true', 'false'],
       'jax.distributed.initialize: auto = when a coordinator is given or on '
       'a Cloud TPU VM; true = always (cluster auto-detection, e.g. SLURM).')
+  flags.DEFINE_bool(
+      'allow_config_change', False,
+      'Resume a workdir whose config.json differs from --config in more '
+      'than run length and cadences (the old one is kept beside it).')
   host_memory.define_flag()
 
 
@@ -250,6 +303,34 @@ def _fail(message: str, code: int = 2):
   """One line on stderr, then exit."""
   print(f'experiments.train: error: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+def unknown_override(argv: list[str]) -> Optional[str]:
+  """The first --config.a.b=... override in argv that names no field of the
+  config that --config loads, with a 'Did you mean' hint; None if every
+  override names a field (or the config does not load)."""
+  path = next((a.split('=', 1)[1] for a in argv
+               if a.startswith('--config=')), None)
+  if path is None:
+    return None
+  try:
+    config = config_flags_impl.ConfigFileFlagParser(name='config').parse(path)
+  except Exception:  # pylint: disable=broad-exception-caught
+    return None
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    name = arg[2:].split('=', 1)[0]
+    node = config
+    for key in name.split('.')[1:]:
+      fields = list(node.keys()) if hasattr(node, 'keys') else []
+      if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=1)
+        return (f'--{name}: no such config field.' +
+                (f' Did you mean "{close[0]}" instead of "{key}"?'
+                 if close else ''))
+      node = node[key]
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -260,14 +341,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(setup.one_line(str(e)))
   except (AttributeError, KeyError) as e:
     # config_flags: an override of a field the config does not have.
-    text = str(e).encode().decode('unicode_escape')
-    key = re.search(r"'([^']+)'", text)
-    key = key.group(1) if key else text
-    hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
-    names = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    named = [n for n in names if n.split('.')[-1] == key] or [key]
-    _fail(f'{named[0]}: no such config field.' +
-          (f' {hint.group(0)}' if hint else ''))
+    _fail(unknown_override(argv) or setup.one_line(str(e)))
   except (ValueError, TypeError) as e:
     # config_flags: a bad config argument or override value.
     _fail(setup.one_line(str(e)))
@@ -277,15 +351,8 @@ def _on_cloud_tpu_vm() -> bool:
   return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
 
 
-def _quiet_orbax() -> None:
-  """Drops orbax's INFO chatter (several lines per checkpoint) from the log."""
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno > logging.converter.STANDARD_INFO or
-      f'{os.sep}orbax{os.sep}' not in record.pathname)
-
-
 def main(argv):
-  _quiet_orbax()
+  checkpointing.quiet_orbax_logs()
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
@@ -299,7 +366,7 @@ def main(argv):
   if not workdir:
     _fail('--workdir is required.')
   try:
-    check_config(config)
+    dataset = check_config(config)
   except ConfigError as e:
     _fail(str(e))
   host_memory.configure(flags.FLAGS.host_memory)  # Before JAX starts.
@@ -310,11 +377,18 @@ def main(argv):
         flags.FLAGS.process_id,
         auto=mode == 'true' or (mode == 'auto' and _on_cloud_tpu_vm()))
   try:
-    result = train_and_evaluate(config, workdir)
+    result = train_and_evaluate(
+        config, workdir, dataset=dataset,
+        allow_config_change=flags.FLAGS.allow_config_change)
   except ConfigError as e:
     _fail(str(e))
   except NonFiniteLossError as e:
     _fail(str(e), code=1)
+  except checkpointing.CheckpointError as e:
+    _fail(str(e), code=EXIT_IO_ERROR)
+  except OSError as e:  # a workdir file (metrics, config) on a full disk
+    where = f' ({e.filename})' if e.filename else ''
+    _fail(f'{checkpointing.describe_error(e)}{where}', code=EXIT_IO_ERROR)
   if 'signal' in result:
     sys.exit(128 + result['signal'])
 

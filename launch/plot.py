@@ -18,8 +18,8 @@ import sys
 from absl import app
 from absl import flags
 
+from experiments import checkpointing
 from experiments import figures
-from experiments import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Workdir of an experiments.train run.')
@@ -43,7 +43,7 @@ def main(argv):
     _fail('--workdir is required.')
   if _INDEX.value < 0 or _NUM_LATENTS.value < 1:
     _fail('--index must be >= 0 and --num_latents >= 1.')
-  train._quiet_orbax()  # pylint: disable=protected-access
+  checkpointing.quiet_orbax_logs()
   try:
     if _ATTENTION.value:
       path = figures.plot_attention(_WORKDIR.value, index=_INDEX.value,

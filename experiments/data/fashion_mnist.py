@@ -9,8 +9,10 @@ Sources, in order:
      <version>/dataset_info.json), read with TFDS (TensorFlow imported only
      then).
   2. The four IDX files of the official release in `manual_dir` (default the
-     Debian package dataset-fashion-mnist's /usr/share/datasets/fashion-mnist),
-     gzipped or not, parsed here with gzip + numpy. No checksums are compared
+     Debian package dataset-fashion-mnist's /usr/share/datasets/fashion-mnist;
+     but an explicit `data_dir` without TFDS data and without `manual_dir`
+     is read as the IDX folder itself: an explicit path never falls back to
+     the system copy), gzipped or not, parsed here with gzip + numpy. No checksums are compared
      (the Debian files are re-gzipped); instead the IDX magic numbers, shapes
      and byte counts are validated and a bad file raises an error naming it.
 Nothing here downloads. Decoded arrays are cached in memory per process.
@@ -112,7 +114,7 @@ def _read_tfds(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=4)
 def _arrays(split: str, data_dir: Optional[str],
-            manual_dir: str) -> tuple[np.ndarray, np.ndarray]:
+            manual_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, 28, 28, 1], labels int32 [N]) of a whole split."""
   if split not in SPLITS:
     raise ValueError(f'Fashion-MNIST split {split!r} is not one of {SPLITS}.')
@@ -121,6 +123,15 @@ def _arrays(split: str, data_dir: Optional[str],
     if not os.path.isdir(data_dir):
       raise FileNotFoundError(f'data_dir {data_dir} does not exist.')
     prepared = _prepared_tfds_dir(data_dir)
+    if prepared is None and manual_dir is None:
+      if not any(os.path.exists(os.path.join(data_dir, stem + ext))
+                 for stems in _IDX_FILES.values() for stem in stems
+                 for ext in ('', '.gz')):
+        raise FileNotFoundError(
+            f'data_dir {data_dir} holds neither a prepared TFDS '
+            'fashion_mnist nor the Fashion-MNIST IDX files.')
+      manual_dir = data_dir  # Explicit: never the system copy.
+  manual_dir = manual_dir or DEFAULT_MANUAL_DIR
   if prepared is not None:
     logging.info('Fashion-MNIST %s: TFDS data in %s', split, prepared)
     images, labels = _read_tfds(prepared, split)
@@ -150,7 +161,7 @@ def _arrays(split: str, data_dir: Optional[str],
 
 
 def _data(split, data_dir, manual_dir, num_train_examples):
-  images, labels = _arrays(split, data_dir, manual_dir or DEFAULT_MANUAL_DIR)
+  images, labels = _arrays(split, data_dir, manual_dir)
   if num_train_examples is not None and split == 'train':
     images, labels = images[:num_train_examples], labels[:num_train_examples]
   return {'image': images, 'label': labels}
