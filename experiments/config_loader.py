@@ -85,8 +85,9 @@ def _field_error(config: ml_collections.ConfigDict, key: str):
       known = list(node.keys()) if isinstance(
           node, (ml_collections.ConfigDict, dict)) else []
       close = difflib.get_close_matches(part, known, n=1)
-      hint = (f' Did you mean {".".join(path + close)!r}?' if close else '')
-      return setup.ConfigError(f'config.{key}: no such config field.{hint}')
+      hint = (f' Did you mean --config.{".".join(path + close)}?'
+              if close else '')
+      return setup.ConfigError(f'--config.{key}: no such config field.{hint}')
     node, path = node[part], path + [part]
   return None
 
@@ -111,7 +112,10 @@ def load(spec: str, overrides: Overrides = ()) -> ml_collections.ConfigDict:
   """`configs/NAME.py[:ARG]` with dotted-key overrides, parsed exactly as
   `--config.KEY=VALUE` on the runner's command line."""
   config_path(spec)
-  args = override_args(overrides)
+  return _load_args(spec, override_args(overrides))
+
+
+def _load_args(spec: str, args: list[str]) -> ml_collections.ConfigDict:
   if args:
     base = _parse(spec, [])
     for arg in args:
@@ -119,3 +123,17 @@ def load(spec: str, overrides: Overrides = ()) -> ml_collections.ConfigDict:
       if error:
         raise error
   return _parse(spec, args)
+
+
+def explain(argv: list[str]) -> Optional[str]:
+  """Why a command line's `--config=...` and `--config.KEY=VALUE` arguments
+  do not load, in one line; None if they do (or name no config)."""
+  spec = next((a.split('=', 1)[1] for a in argv
+               if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  try:
+    _load_args(spec, [a for a in argv if a.startswith('--config.')])
+  except setup.ConfigError as e:
+    return str(e)
+  return None

@@ -28,7 +28,6 @@ signal N (checkpoint saved: rerun to resume).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import glob
 import json
 import os
@@ -42,10 +41,9 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
-from ml_collections import config_flags
-from ml_collections.config_flags import config_flags as config_flags_impl
 
 from experiments import checkpointing
+from experiments import config_loader
 from experiments import evaluation
 from experiments import flops as flops_lib
 from experiments import host_memory
@@ -277,9 +275,7 @@ def _train(config, workdir, dataset, mesh, train_batch, total_steps,
 def define_flags() -> None:
   """The command line's flags; defined only when this module is the program,
   so that others can import its functions next to their own flags."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config: configs/NAME.py[:ARG].',
-      lock_config=True)
+  config_loader.define_flag()
   flags.DEFINE_string('workdir', None,
                       'Directory for the config, checkpoints and metrics.')
   flags.DEFINE_string('coordinator_address', None,
@@ -305,46 +301,16 @@ def _fail(message: str, code: int = 2):
   sys.exit(code)
 
 
-def unknown_override(argv: list[str]) -> Optional[str]:
-  """The first --config.a.b=... override in argv that names no field of the
-  config that --config loads, with a 'Did you mean' hint; None if every
-  override names a field (or the config does not load)."""
-  path = next((a.split('=', 1)[1] for a in argv
-               if a.startswith('--config=')), None)
-  if path is None:
-    return None
-  try:
-    config = config_flags_impl.ConfigFileFlagParser(name='config').parse(path)
-  except Exception:  # pylint: disable=broad-exception-caught
-    return None
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    name = arg[2:].split('=', 1)[0]
-    node = config
-    for key in name.split('.')[1:]:
-      fields = list(node.keys()) if hasattr(node, 'keys') else []
-      if key not in fields:
-        close = difflib.get_close_matches(key, fields, n=1)
-        return (f'--{name}: no such config field.' +
-                (f' Did you mean "{close[0]}" instead of "{key}"?'
-                 if close else ''))
-      node = node[key]
-  return None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with flag/override errors on one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(setup.one_line(str(e)))
-  except (AttributeError, KeyError) as e:
-    # config_flags: an override of a field the config does not have.
-    _fail(unknown_override(argv) or setup.one_line(str(e)))
-  except (ValueError, TypeError) as e:
-    # config_flags: a bad config argument or override value.
-    _fail(setup.one_line(str(e)))
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    # config_flags: a field the config does not have, a bad value or config
+    # argument; the config loader names which argument, in one line.
+    _fail(config_loader.explain(argv) or setup.one_line(str(e)))
 
 
 def _on_cloud_tpu_vm() -> bool:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
 
+from experiments import config_loader
 from experiments import host_memory
 from experiments import optimizers
 from experiments import parallel
@@ -187,9 +187,7 @@ def _w1():
 
 def define_flags() -> None:
   """Flags of the command line (defined only when run as the program)."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config: configs/NAME.py[:ARG].',
-      lock_config=True)
+  config_loader.define_flag()
   flags.DEFINE_string('workload', None,
                       'A registered preset instead of --config.')
   flags.DEFINE_integer('batch_size', None,

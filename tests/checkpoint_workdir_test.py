@@ -14,7 +14,6 @@ import pytest
 from experiments import metric_writers
 from experiments import setup
 from experiments import testing
-from experiments import train
 from experiments.data import fashion_mnist
 
 
@@ -188,15 +187,3 @@ def test_explicit_data_dir_of_damaged_idx_files_never_falls_back(tmp_path):
                      'fashion_mnist nor the Fashion-MNIST IDX files'):
     fashion_mnist.num_examples('train', data_dir=str(empty))
   fashion_mnist._arrays.cache_clear()
-
-
-def test_override_of_a_missing_field_is_found_in_the_config():
-  argv = ['prog', f'--config={testing.CONFIG_PATH}',
-          '--config.optimizer.lr=1e-3', '--config.optimizer.lrr=1e-3']
-  assert train.unknown_override(argv) == (
-      '--config.optimizer.lrr: no such config field. Did you mean "lr" '
-      'instead of "lrr"?')
-  assert train.unknown_override(argv[:3]) is None
-  assert train.unknown_override(
-      argv[:2] + ['--config.modell.x=1']).startswith(
-          '--config.modell.x: no such config field. Did you mean "model"')

@@ -45,9 +45,9 @@ def test_config_argument_and_override_combine():
 @pytest.mark.parametrize('spec, overrides, message', [
     ('configs/nope.py', {}, 'config file configs/nope.py does not exist.'),
     (FMNIST, {'optimizer.lrr': 1.0},
-     "config.optimizer.lrr: no such config field. Did you mean "
-     "'optimizer.lr'?"),
-    (FMNIST, {'nope.x': 1}, 'config.nope.x: no such config field.'),
+     '--config.optimizer.lrr: no such config field. Did you mean '
+     '--config.optimizer.lr?'),
+    (FMNIST, {'nope.x': 1}, '--config.nope.x: no such config field.'),
     (FMNIST, {'model.num_blocks': 'abc'}, "invalid literal for int()"),
     ('configs/audioset.py:features=bogus', {},
      "features must be 'raw' or 'mel', got 'bogus'."),
@@ -56,3 +56,17 @@ def test_mistakes_are_one_line_config_errors(spec, overrides, message):
   with pytest.raises(setup.ConfigError) as e:
     config_loader.load(spec, overrides)
   assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_explain_names_the_first_bad_argument_of_a_command_line():
+  argv = ['prog', f'--config={FMNIST}', '--config.optimizer.lr=1e-3',
+          '--config.optimizer.lrr=1e-3']
+  assert config_loader.explain(argv) == (
+      '--config.optimizer.lrr: no such config field. Did you mean '
+      '--config.optimizer.lr?')
+  assert config_loader.explain(argv[:3]) is None
+  assert config_loader.explain(argv[:2] + ['--config.modell.x=1']) == (
+      '--config.modell.x: no such config field. Did you mean --config.model?')
+  assert "could not convert string to float: 'abc'" in config_loader.explain(
+      argv[:2] + ['--config.num_epochs=abc'])
+  assert config_loader.explain(['prog', '--workdir=/tmp']) is None
