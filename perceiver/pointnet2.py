@@ -134,11 +134,17 @@ def ball_query(points: jax.Array, centroids: jax.Array, radius: float,
   if not 1 <= num_neighbours <= n:
     raise ValueError(f'ball_query: num_neighbours={num_neighbours} must be in '
                      f'[1, N={n}].')
+  if n >= 2**24:
+    raise ValueError(f'ball_query: N={n} points; indices are ranked as '
+                     'float32, exact below 2^24.')
   inside = _square_distances(centroids, points) < radius**2  # [B, S, N]
-  index = jnp.arange(n, dtype=jnp.int32)  # [N]
+  # Indices as float32 (exact below 2^24): XLA's CPU top_k is several times
+  # faster on floats than on integers.
+  index = jnp.arange(n, dtype=jnp.float32)  # [N]
   candidates = jnp.where(inside, index, n)  # [B, S, N]: N marks "outside"
   # The k smallest candidates, ascending: the first k inside, then N's.
-  first = -jax.lax.top_k(-candidates, num_neighbours)[0]  # [B, S, k]
+  first = (-jax.lax.top_k(-candidates, num_neighbours)[0]).astype(
+      jnp.int32)  # [B, S, k]
   return jnp.where(first == n, first[..., :1], first)  # [B, S, k]
 
 
