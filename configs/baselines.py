@@ -99,20 +99,32 @@ POINTNET2_SMALL = dict(POINTNET2, num_centroids=(32, 8), num_neighbours=(8, 8),
                        global_mlp_channels=(64, 128), head_channels=(64,))
 
 # data=kicad: the CPU-scale Table 4 stand-ins. Budget rule, the same for all
-# four: the base config's training (same data, optimizer, batch and number of
-# epochs as the Perceiver's stand-in); each model's size is chosen so that
-# one training run takes about 5 minutes on one CPU core.
+# four: the base config's training (same data, optimizer, schedule, batch and
+# number of steps as the Perceiver's stand-in, configs/modelnet40.py:data=kicad,
+# "about 5 minutes on one core"); each model is sized so that its training
+# step costs about what the Perceiver stand-in's does (measured side by side
+# on one core, batch 32, 2,048 points: step time within ~1.5x of it, except
+# the Transformer), not tuned toward any accuracy.
 CPU_SCALE = {
     'pointnet2': dict(
         POINTNET2,
-        num_centroids=(128, 32),  # chosen: 1/4 of the paper's 512, 128
+        # chosen: FPS and the ball query over 2,048 points dominate the step,
+        # in proportion to the centroids: 1/8 of the paper's 512, 128.
+        num_centroids=(64, 16),
         num_neighbours=(16, 32),  # chosen: half the paper's k
         mlp_channels=((32, 32, 64), (64, 64, 128)),  # chosen: half width
         global_mlp_channels=(128, 256, 512), head_channels=(256, 128)),
-    'resnet50': dict(RESNET_SMALL, grid_shape=(32, 64)),  # chosen: all 2,048
+    # chosen: the runlocal ResNet on all 2,048 points (32 x 64, as the paper).
+    'resnet50': dict(RESNET_SMALL, grid_shape=(32, 64)),
+    # chosen: the runlocal ViT, patch 4 on the 32 x 64 grid: 128 tokens.
     'vit_b4': dict(VIT_SMALL, patch_size=4, dropout_rate=0.0,
                    learned_position_embedding=False, grid_shape=(32, 64)),
-    'transformer': dict(TRANSFORMER_SMALL, grid_shape=(44, 44)),
+    # chosen: attention over all 1,936 points: one layer, width 16, one head
+    # (the [B, heads, 1936, 1936] attention matrix, not the FLOPs, sets the
+    # CPU step time). Even so its step costs several times the Perceiver's:
+    # the exception to the budget rule, kept because 44 x 44 is the baseline.
+    'transformer': dict(TRANSFORMER_SMALL, num_layers=1, num_channels=16,
+                        num_heads=1, grid_shape=(44, 44)),
 }
 
 
