@@ -9,15 +9,22 @@ Paper top-1 targeted (PAPER.md section 4), `dataset=...,model=...`:
              vit_b16,ff=false       ViT-B-16             77.9 (Table 1; learned position embedding)
              transformer            Transformer (64x64)  57.0 raw / 57.0 permuted (Tables 1, 2)
              perceiver_learned_pos  Perceiver (learned)  70.9 raw / 70.9 permuted (Table 2)
-  modelnet40 resnet50               ResNet-50 (FF)       66.3 (Table 4)
+  modelnet40 pointnet2              PointNet++ (SSG)     91.9 (Table 4)
+             resnet50               ResNet-50 (FF)       66.3 (Table 4)
              vit_b2 / b4 / b8 / b16 ViT-B-k              78.9 / 73.4 / 65.3 / 59.6 (Table 4)
              transformer            Transformer (44x44)  82.1 (Table 4)
+  modelnet40,data=kicad (CPU-scale Table 4 stand-ins on the KiCad point clouds;
+             no paper number): pointnet2, resnet50, vit_b4, transformer, each a
+             small version of the model above (CPU_SCALE below)
   fashion_mnist (CPU-scale stand-ins for the image tables; no paper number)
              resnet_small           the ResNet (FF) baseline of the README's Table-2 miniature
              vit_small, transformer, perceiver_learned_pos
 
 Config argument (`--config=configs/baselines.py:key=value,...`):
   dataset    imagenet | modelnet40 | fashion_mnist (the base config).
+  data       modelnet40 only: the base config's `data` argument
+             (configs/modelnet40.py:data=kicad); with data=kicad every model is
+             its CPU-scale version.
   model      one of the names above.
   permuted   the fixed pixel permutation of Table 2 (image datasets).
   ff         Fourier features (default); ff=false: raw pixels only (ResNet)
@@ -40,6 +47,11 @@ Choices (the paper gives none of them):
 - Point clouds (ModelNet40): 2,048 points on a 32 x 64 grid for the ResNet /
   ViT (a ViT-B-k patch = k x k points), 44 x 44 = 1,936 points for the
   Transformer (perceiver/transformer.py, PointGridPreprocessor).
+- PointNet++: the SSG classifier of Qi et al. 2017 (perceiver/pointnet2.py;
+  1.48M parameters) on the raw xyz of all points, no Fourier features (input
+  'none'). Its reference training (Adam, batch 32, 250 epochs, rotation and
+  jitter augmentation) is not used: like every baseline here it trains with
+  the dataset config's optimizer, batch and schedule.
 - Perceiver (learned pos.): 128 learned channels, init 1.0 and a single
   cross-attend (PAPER.md section 2): num_cross_attends=1, still followed by
   the dataset's R latent-Transformer applications (8 on ImageNet);
@@ -54,8 +66,8 @@ import ml_collections
 DATASETS = ('imagenet', 'modelnet40', 'fashion_mnist')
 MODELS = {
     'imagenet': ('resnet50', 'vit_b16', 'transformer', 'perceiver_learned_pos'),
-    'modelnet40': ('resnet50', 'vit_b2', 'vit_b4', 'vit_b8', 'vit_b16',
-                   'transformer'),
+    'modelnet40': ('pointnet2', 'resnet50', 'vit_b2', 'vit_b4', 'vit_b8',
+                   'vit_b16', 'transformer'),
     'fashion_mnist': ('resnet_small', 'vit_small', 'transformer',
                       'perceiver_learned_pos'),
 }
@@ -76,6 +88,44 @@ TRANSFORMER = dict(num_layers=6, num_channels=1024, num_heads=8,
                    widening_factor=1, remat_layers=False)
 TRANSFORMER_SMALL = dict(num_layers=2, num_channels=64, num_heads=4,
                          widening_factor=1, remat_layers=False)
+POINTNET2 = dict(num_centroids=(512, 128), radii=(0.2, 0.4),
+                 num_neighbours=(32, 64),
+                 mlp_channels=((64, 64, 128), (128, 128, 256)),
+                 global_mlp_channels=(256, 512, 1024), head_channels=(512, 256),
+                 dropout_rate=0.5, bn_decay_rate=0.9, bn_eps=1e-5)
+# runlocal: a few centroids and narrow layers (the paper's radii).
+POINTNET2_SMALL = dict(POINTNET2, num_centroids=(32, 8), num_neighbours=(8, 8),
+                       mlp_channels=((16, 16, 32), (32, 32, 64)),
+                       global_mlp_channels=(64, 128), head_channels=(64,))
+
+# data=kicad: the CPU-scale Table 4 stand-ins. Budget rule, the same for all
+# four: the base config's training (same data, optimizer, schedule, batch and
+# number of steps as the Perceiver's stand-in, configs/modelnet40.py:data=kicad,
+# "about 5 minutes on one core"); each model is sized so that its training
+# step costs about what the Perceiver stand-in's does (measured side by side
+# on one core, batch 32, 2,048 points: step time within ~1.5x of it, except
+# the Transformer), not tuned toward any accuracy.
+CPU_SCALE = {
+    'pointnet2': dict(
+        POINTNET2,
+        # chosen: FPS and the ball query over 2,048 points dominate the step,
+        # in proportion to the centroids: 1/8 of the paper's 512, 128.
+        num_centroids=(64, 16),
+        num_neighbours=(16, 32),  # chosen: half the paper's k
+        mlp_channels=((32, 32, 64), (64, 64, 128)),  # chosen: half width
+        global_mlp_channels=(128, 256, 512), head_channels=(256, 128)),
+    # chosen: the runlocal ResNet on all 2,048 points (32 x 64, as the paper).
+    'resnet50': dict(RESNET_SMALL, grid_shape=(32, 64)),
+    # chosen: the runlocal ViT, patch 4 on the 32 x 64 grid: 128 tokens.
+    'vit_b4': dict(VIT_SMALL, patch_size=4, dropout_rate=0.0,
+                   learned_position_embedding=False, grid_shape=(32, 64)),
+    # chosen: attention over all 1,936 points: one layer, width 16, one head
+    # (the [B, heads, 1936, 1936] attention matrix, not the FLOPs, sets the
+    # CPU step time). Even so its step costs several times the Perceiver's:
+    # the exception to the budget rule, kept because 44 x 44 is the baseline.
+    'transformer': dict(TRANSFORMER_SMALL, num_layers=1, num_channels=16,
+                        num_heads=1, grid_shape=(44, 44)),
+}
 
 
 def _base_config(dataset: str, arg) -> ml_collections.ConfigDict:
@@ -84,7 +134,11 @@ def _base_config(dataset: str, arg) -> ml_collections.ConfigDict:
   if dataset == 'modelnet40':
     if arg.permuted:
       raise ValueError('permuted applies to image datasets, not modelnet40.')
+    if arg.data is not None:
+      base_arg += f',data={arg.data}'
     return base.get_config(base_arg)
+  if arg.data is not None:
+    raise ValueError(f'data={arg.data} applies to modelnet40, not {dataset}.')
   return base.get_config(f'{base_arg},permuted={arg.permuted}')
 
 
@@ -140,36 +194,48 @@ def _image_models(config, arg, *, num_classes: int, small: bool):
   raise AssertionError(model)
 
 
-def _point_models(config, arg, *, small: bool):
+def _point_sizes(model: str, scale: str, num_points: int) -> dict:
+  """A ModelNet40 baseline's model kwargs (grid_shape included for the
+  grid models) at `scale`: 'paper', 'runlocal' or 'cpu' (CPU_SCALE)."""
+  if scale == 'cpu':
+    return dict(CPU_SCALE[model])
+  runlocal = scale == 'runlocal'
+  if model == 'pointnet2':
+    return POINTNET2_SMALL if runlocal else POINTNET2
+  if model == 'transformer':
+    return dict(TRANSFORMER_SMALL if runlocal else TRANSFORMER,
+                grid_shape=(16, 16) if runlocal else (44, 44))
+  rows = 16 if runlocal else 32
+  grid = dict(grid_shape=(rows, num_points // rows))
+  if model == 'resnet50':
+    return dict(RESNET_SMALL if runlocal else RESNET50, **grid)
+  patch = int(model[len('vit_b'):])
+  return dict(VIT_SMALL if runlocal else VIT_B, patch_size=min(patch, rows),
+              dropout_rate=0.0, learned_position_embedding=False, **grid)
+
+
+def _point_models(config, arg, *, scale: str):
   """(input_name, input, model_name, model) of a ModelNet40 baseline."""
-  points = config.input.to_dict()
-  num_points = config.input_shape[0]
-  num_classes = config.model.num_classes
   if not arg.ff:
     raise ValueError('ff=false has no meaning for point clouds (xyz are the '
                      'positions).')
-  if arg.model == 'transformer':
-    grid = (16, 16) if small else (44, 44)
-    return ('point_grid', dict(points, grid_shape=grid, flatten=True),
-            'transformer',
-            dict(num_classes=num_classes,
-                 **(TRANSFORMER_SMALL if small else TRANSFORMER)))
-  grid = (16, num_points // 16) if small else (32, num_points // 32)
-  inputs = dict(points, grid_shape=grid, flatten=False)
-  if arg.model == 'resnet50':
-    return ('point_grid', inputs, 'resnet',
-            dict(num_classes=num_classes,
-                 **(RESNET_SMALL if small else RESNET50)))
-  patch = int(arg.model[len('vit_b'):])
-  vit = dict(VIT_SMALL if small else VIT_B, patch_size=min(patch, grid[0]),
-             num_classes=num_classes, dropout_rate=0.0,
-             learned_position_embedding=False)
-  return 'point_grid', inputs, 'vit', vit
+  if scale == 'cpu' and arg.model not in CPU_SCALE:
+    raise ValueError(f'No CPU-scale version of {arg.model!r} for '
+                     f'data={arg.data}; known: {sorted(CPU_SCALE)}.')
+  model = dict(_point_sizes(arg.model, scale, config.input_shape[0]),
+               num_classes=config.model.num_classes)
+  if arg.model == 'pointnet2':
+    return 'none', {}, 'pointnet2', model  # raw xyz, passed through unchanged
+  grid = dict(config.input.to_dict(), grid_shape=model.pop('grid_shape'),
+              flatten=arg.model == 'transformer')
+  name = {'resnet50': 'resnet', 'transformer': 'transformer'}.get(arg.model,
+                                                                 'vit')
+  return 'point_grid', grid, name, model
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, dataset='imagenet', model='resnet50',
-                         permuted=False, ff=True, runlocal=False,
+                         data=None, permuted=False, ff=True, runlocal=False,
                          synthetic=False)
   if arg.dataset not in DATASETS:
     raise ValueError(f'Unknown dataset {arg.dataset!r}; known: {DATASETS}.')
@@ -180,7 +246,9 @@ def get_config(arg=None):
   # CPU-scale models: Fashion-MNIST always, the others with runlocal.
   small = arg.runlocal or arg.dataset == 'fashion_mnist'
   if arg.dataset == 'modelnet40':
-    parts = _point_models(config, arg, small=small)
+    scale = ('cpu' if arg.data == 'kicad' else
+             'runlocal' if arg.runlocal else 'paper')
+    parts = _point_models(config, arg, scale=scale)
   else:
     parts = _image_models(config, arg, num_classes=config.model.num_classes,
                           small=small)

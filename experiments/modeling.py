@@ -5,8 +5,8 @@ Each config section is passed 1:1 as keyword arguments to one constructor, so
 a misspelt field fails at construction with the constructor's own error.
 
 Every model is built with `hk.transform_with_state` (see `build_model`): the
-ResNet baselines keep BatchNorm moving statistics as Haiku state; for every
-other model the state is simply empty.
+ResNet and PointNet++ baselines keep BatchNorm moving statistics as Haiku
+state; for every other model the state is simply empty.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 import perceiver
 from experiments import precision
+from perceiver import pointnet2
 from perceiver import resnet
 from perceiver import transformer
 from perceiver import vit
@@ -34,6 +35,8 @@ PREPROCESSORS: dict[str, Callable[..., hk.Module]] = {
     # Inputs of the baselines (perceiver/transformer.py).
     'downsampled_image': transformer.DownsampledImagePreprocessor,
     'point_grid': transformer.PointGridPreprocessor,
+    # The input as it arrives (PointNet++ reads raw xyz [B, P, 3]).
+    'none': lambda: (lambda inputs: inputs),
 }
 
 MODELS: dict[str, Callable[..., hk.Module]] = {
@@ -42,6 +45,7 @@ MODELS: dict[str, Callable[..., hk.Module]] = {
     'resnet': resnet.ResNet,
     'vit': vit.ViT,
     'transformer': transformer.Transformer,
+    'pointnet2': pointnet2.PointNet2,
 }
 
 # Models whose forward can also return cross-attention maps (paper Fig. 3).
@@ -79,11 +83,11 @@ def build_model(config: ml_collections.ConfigDict) -> hk.TransformedWithState:
   inputs: [B, *config.input_shape] (a dict of such for multimodal inputs).
   logits: [B, K]. attention: the list of cross-attention logits, each
   [B, H, N, M]; Perceivers only (`ATTENTION_MODELS`), others raise ValueError.
-  state: BatchNorm moving statistics (ResNets), {} otherwise. In training
+  state: BatchNorm moving statistics (ResNets, PointNet++), {} otherwise. In training
   carry the returned state into the next step; with is_training=False it is
   returned unchanged. init works with either is_training.
   rng: may be None, except in training for models with dropout (the ViT with
-  dropout_rate > 0), which draw their dropout masks from it.
+  dropout_rate > 0, PointNet++), which draw their dropout masks from it.
   """
   if config.model_name not in MODELS:
     raise ValueError(f'Unknown model_name {config.model_name!r}; known: '

@@ -361,7 +361,9 @@ def test_paper_size_config_builds(dataset, model):
   config = _config(f'dataset={dataset},model={model}')
   params, state = modeling.variable_shapes(config)
   assert modeling.count_params(params) > 0
-  assert (config.model_name == 'resnet') == bool(jax.tree.leaves(state))
+  # BatchNorm statistics: the ResNets and PointNet++ only.
+  assert (config.model_name in ('resnet', 'pointnet2')) == bool(
+      jax.tree.leaves(state))
   # Every section other than input and model is the dataset config's own.
   base = importlib.import_module(f'configs.{dataset}').get_config()
   assert set(config) == set(base)
@@ -444,3 +446,64 @@ def test_modelnet40_vit_token_counts():
     assert grid.shape == (1, 32, 64, 387)
     patches = jax.eval_shape(lambda g: vit.patchify(g, k), grid)
     assert patches.shape == (1, tokens, k * k * 387)
+
+
+
+# --- PointNet++ and the CPU-scale Table 4 stand-ins (data=kicad) -------------
+
+
+def test_modelnet40_pointnet2_is_the_paper_ssg_net_on_raw_xyz():
+  config = _config('dataset=modelnet40,model=pointnet2')
+  assert config.input_name == 'none' and not config.input
+  x = _uniform(2, 2048, 3, low=-1)
+  assert modeling.make_preprocessor('none', {})(x) is x  # raw xyz
+  assert config.model.to_dict() == dict(baselines.POINTNET2, num_classes=40)
+  assert _num_params(config) == 1_475_688  # tests/pointnet2_test.py
+
+
+def _kicad_config(monkeypatch, model, extra=''):
+  """baselines' data=kicad config over a stand-in for configs/modelnet40.py's
+  `data` argument, recording what reaches the base config."""
+  import configs.modelnet40
+  real = configs.modelnet40.get_config
+  received = []
+
+  def get_config(arg=None):
+    received.append(arg)
+    args = dict(item.split('=') for item in (arg or '').split(','))
+    assert args.pop('data') == 'kicad'
+    return real(','.join(f'{k}={v}' for k, v in args.items()))
+
+  monkeypatch.setattr(configs.modelnet40, 'get_config', get_config)
+  config = _config(f'dataset=modelnet40,model={model},data=kicad{extra}')
+  return config, received
+
+
+@pytest.mark.parametrize('model', sorted(baselines.CPU_SCALE))
+def test_kicad_forwards_data_and_uses_the_cpu_scale_models(monkeypatch, model):
+  config, received = _kicad_config(monkeypatch, model)
+  assert received == ['runlocal=False,synthetic=False,data=kicad']
+  # The CPU-scale model, on every point of the base config's clouds (the
+  # Transformer: the 44 x 44 = 1,936 of its name).
+  sizes = dict(baselines.CPU_SCALE[model])
+  grid = sizes.pop('grid_shape', None)
+  assert config.model.to_dict() == dict(sizes, num_classes=40)
+  if grid is not None:
+    assert config.input.grid_shape == grid
+    assert np.prod(grid) == (1936 if model == 'transformer' else 2048)
+  # Everything else is the base config's: one training budget for all.
+  base = configs.modelnet40.get_config('data=kicad')
+  for key in base:
+    if key not in ('input_name', 'input', 'model_name', 'model'):
+      assert config[key] == base[key], key
+  # Smaller than the paper-size model (by 4x to 400x).
+  monkeypatch.undo()
+  paper = _config(f'dataset=modelnet40,model={model}')
+  assert _num_params(config) < 0.3 * _num_params(paper)
+
+
+def test_data_argument_errors(monkeypatch):
+  with pytest.raises(ValueError, match='applies to modelnet40'):
+    _config('dataset=fashion_mnist,model=resnet_small,data=kicad')
+  with pytest.raises(ValueError, match='No CPU-scale version'):
+    _kicad_config(monkeypatch, 'vit_b16')
