@@ -158,8 +158,11 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
   with h5py.File(folder / 'ply_data_train1.h5', 'w') as f:
     f['points'] = np.zeros((2, P, 3), np.float32)
   _expect_build_error(tmp_path, ValueError, 'ply_data_train1.h5: keys')
+  (folder / 'shape_names.txt').write_text('airplane\nbathtub\nairplane\n')
+  _expect_build_error(tmp_path, ValueError, 'shape_names.txt repeats .*airplane')
   (folder / 'shape_names.txt').write_text('airplane\nbathtub\n')
-  _expect_build_error(tmp_path, ValueError, 'shape_names.txt does not list')
+  _expect_build_error(tmp_path, ValueError,
+                      'ply_data_train0.h5: labels outside \\[0, 2\\)')
   _expect_build_error(tmp_path, FileNotFoundError,
                       'modelnet40_shape_names.txt', variant='normal_resampled')
   with pytest.raises(FileNotFoundError, match='not prepared'):

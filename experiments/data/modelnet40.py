@@ -1,6 +1,6 @@
 """ModelNet40 point clouds: a TFDS builder over the standard files + pipeline.
 
-Shapes: B per-process batch, P = 2,048 points, K = 40 classes.
+Shapes: B per-process batch, P = 2,048 points, K classes (40 in ModelNet40).
 
 Builder `modelnet40` (TFDS GeneratorBasedBuilder, manual download), two
 configs reading the files most ModelNet40 work uses, from `manual_dir`:
@@ -13,8 +13,12 @@ configs reading the files most ModelNet40 work uses, from `manual_dir`:
       airplane_0001, and <class>/<id>.txt with lines "x,y,z,nx,ny,nz"; the
       first 2,048 points' xyz are kept.
 `manual_dir` may be the folder itself or its parent. Splits 'train' (9,843)
-and 'test' (2,468). A listed file that is missing or unreadable, an unknown
-class list or a malformed array is an error naming the file.
+and 'test' (2,468). The classes are the lines of the class-list file, in
+order (ModelNet40's 40 names, or another set in the same layout such as
+`cad_points`'s KiCad parts); the prepared dataset keeps them. A listed file
+that is missing or unreadable, an empty or repeated class name, a label
+outside the list or a malformed array is an error naming the file; so is a
+class list whose length is not the `num_classes` the pipeline is asked for.
 
 Pipeline (in memory, see `in_memory` for order and resumption): inputs
 float32 [B, P, 3], labels int32 [B], mask bool [B]. Training multiplies each
@@ -34,7 +38,7 @@ import tensorflow_datasets as tfds
 from experiments.data import in_memory
 from experiments.data import tfds_pipeline
 
-NUM_CLASSES = 40
+NUM_CLASSES = 40  # ModelNet40's; other sets pass num_classes=
 NUM_POINTS = 2048
 SCALE_RANGE = (0.99, 1.01)
 CLASS_NAMES = (
@@ -60,7 +64,8 @@ def _lines(path):
 
 
 class ModelNet40(tfds.core.GeneratorBasedBuilder):
-  """ModelNet40 (Wu et al. 2015) as 2,048-point clouds."""
+  """ModelNet40 (Wu et al. 2015), or a set in its layout, as 2,048-point
+  clouds; the label names come from the class-list file."""
 
   name = 'modelnet40'
   VERSION = tfds.core.Version('1.0.0')
@@ -83,7 +88,9 @@ class ModelNet40(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             'points': tfds.features.Tensor(shape=(NUM_POINTS, 3),
                                            dtype=np.float32),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+            # Names set from the class list (_split_generators) and kept in
+            # the prepared dataset's label.labels.txt.
+            'label': tfds.features.ClassLabel(),
             'id': tfds.features.Text(),  # file:index or shape id.
         }),
         supervised_keys=('points', 'label'),
@@ -103,38 +110,47 @@ class ModelNet40(tfds.core.GeneratorBasedBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     root = self._root(manual_dir)
     _, names_file, index_files = _LAYOUT[self.builder_config.name]
-    names = tuple(_lines(os.path.join(root, names_file)))
-    if names != CLASS_NAMES:
-      raise ValueError(f'{os.path.join(root, names_file)} does not list the '
-                       f'40 ModelNet40 classes in order: {names}')
+    names = _class_names(os.path.join(root, names_file))
+    self.info.features['label'].names = list(names)
     splits = {}
     for split, index_file in index_files.items():
       index_path = os.path.join(root, index_file)
       if not os.path.exists(index_path):
         raise FileNotFoundError(f'ModelNet40 index {index_path} is missing.')
-      splits[split] = self._generate_examples(root, _lines(index_path))
+      splits[split] = self._generate_examples(root, _lines(index_path), names)
     return splits
 
-  def _generate_examples(self, root, entries):
+  def _generate_examples(self, root, entries, names):
     if self.builder_config.name == 'ply_hdf5_2048':
       for entry in entries:
         # The lists name paths inside PointNet's repository; keep the file.
-        yield from _hdf5_examples(os.path.join(root, os.path.basename(entry)))
+        yield from _hdf5_examples(os.path.join(root, os.path.basename(entry)),
+                                  len(names))
     else:
       for shape_id in entries:
         cls = shape_id.rsplit('_', 1)[0]
         path = os.path.join(root, cls, shape_id + '.txt')
-        if cls not in CLASS_NAMES:
+        if cls not in names:
           _bad(path, f'unknown class {cls!r}')
         yield shape_id, {'points': _text_points(path),
-                         'label': CLASS_NAMES.index(cls), 'id': shape_id}
+                         'label': names.index(cls), 'id': shape_id}
+
+
+def _class_names(path):
+  names = tuple(_lines(path))
+  if not names:
+    raise ValueError(f'ModelNet40 class list {path} is empty.')
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f'ModelNet40 class list {path} repeats {repeated}.')
+  return names
 
 
 def _bad(path, problem):
   raise ValueError(f'ModelNet40 file {path}: {problem}.')
 
 
-def _hdf5_examples(path):
+def _hdf5_examples(path, num_classes):
   if not os.path.exists(path):
     raise FileNotFoundError(f'ModelNet40 file {path} is listed but missing.')
   try:
@@ -149,8 +165,8 @@ def _hdf5_examples(path):
     _bad(path, f'data of shape {data.shape}, expected [n, {NUM_POINTS}, 3]')
   if len(label) != len(data):
     _bad(path, f'{len(label)} labels for {len(data)} clouds')
-  if len(label) and (label.min() < 0 or label.max() >= NUM_CLASSES):
-    _bad(path, f'labels outside [0, {NUM_CLASSES})')
+  if len(label) and (label.min() < 0 or label.max() >= num_classes):
+    _bad(path, f'labels outside [0, {num_classes}) of the class list')
   name = os.path.basename(path)
   for i, (points, cls) in enumerate(zip(data, label)):
     yield f'{name}:{i}', {'points': points[:NUM_POINTS].astype(np.float32),
@@ -171,19 +187,36 @@ def _text_points(path):
   return points[:, :3]
 
 
-def _builder(data_dir, manual_dir, variant):
+def _builder(data_dir, manual_dir, variant, num_classes):
   if variant not in _LAYOUT:
     raise ValueError(f'ModelNet40 variant {variant!r} not in {list(_LAYOUT)}')
   builder = ModelNet40(data_dir=data_dir, config=variant)
-  return tfds_pipeline.prepare(builder, data_dir=data_dir,
-                               manual_dir=manual_dir)
+  builder = tfds_pipeline.prepare(builder, data_dir=data_dir,
+                                  manual_dir=manual_dir)
+  names = builder.info.features['label'].names
+  if num_classes is not None and len(names) != num_classes:
+    raise ValueError(
+        f'The point clouds prepared in {builder.data_dir} (from '
+        f'{manual_dir}) have {len(names)} classes ({", ".join(names[:3])}, '
+        f'...), not num_classes={num_classes}: set the config\'s '
+        f'model.num_classes and data.num_classes to {len(names)}.')
+  return builder
+
+
+def class_names(*, data_dir: Optional[str] = None,
+                manual_dir: Optional[str] = None,
+                variant: str = 'ply_hdf5_2048', **unused) -> tuple[str, ...]:
+  """The prepared dataset's class names, label order (builds it if needed)."""
+  del unused
+  builder = _builder(data_dir, manual_dir, variant, None)
+  return tuple(builder.info.features['label'].names)
 
 
 @functools.lru_cache(maxsize=4)
-def _arrays(split, data_dir, manual_dir, variant):
+def _arrays(split, data_dir, manual_dir, variant, num_classes):
   if split not in SPLITS:
     raise ValueError(f'ModelNet40 split {split!r} is not one of {SPLITS}.')
-  builder = _builder(data_dir, manual_dir, variant)
+  builder = _builder(data_dir, manual_dir, variant, num_classes)
   data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
                                           shuffle_files=False))
   return {'points': data['points'], 'label': data['label'].astype(np.int32)}
@@ -191,9 +224,11 @@ def _arrays(split, data_dir, manual_dir, variant):
 
 def num_examples(split: str, *, data_dir: Optional[str] = None,
                  manual_dir: Optional[str] = None,
-                 variant: str = 'ply_hdf5_2048', **unused) -> int:
+                 variant: str = 'ply_hdf5_2048',
+                 num_classes: Optional[int] = NUM_CLASSES, **unused) -> int:
   del unused
-  return len(_arrays(split, data_dir, manual_dir, variant)['label'])
+  return len(_arrays(split, data_dir, manual_dir, variant,
+                     num_classes)['label'])
 
 
 def normalise(points: np.ndarray) -> np.ndarray:
@@ -213,7 +248,8 @@ def _transform(batch, rng):
 def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
          start_step: int = 0, process_index: int = 0, process_count: int = 1,
          data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-         variant: str = 'ply_hdf5_2048', augment: bool = True
+         variant: str = 'ply_hdf5_2048', augment: bool = True,
+         num_classes: Optional[int] = NUM_CLASSES
          ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of ModelNet40 point clouds; see the module docstring.
 
@@ -223,8 +259,9 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
       `modelnet40/<variant>` in `data_dir` if it is not prepared there.
     variant: builder config, 'ply_hdf5_2048' or 'normal_resampled'.
     augment: training only: random per-point scale in [0.99, 1.01].
+    num_classes: the number of classes the class list must hold (None: any).
   """
-  arrays = _arrays(split, data_dir, manual_dir, variant)
+  arrays = _arrays(split, data_dir, manual_dir, variant, num_classes)
   common = dict(batch_size=batch_size, process_index=process_index,
                 process_count=process_count, transform=_transform)
   if is_training:
