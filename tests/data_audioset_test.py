@@ -144,10 +144,13 @@ def test_build_skips_and_names_missing_and_corrupt_clips(manual, caplog):
   log = caplog.text
   assert 'missing1' in log and 'audio/corrupt1.wav' in log
   assert 'wrote 3 of 5 clips' in log
-  skipped = (root / 'tfds' / 'audioset' / 'audio' / '1.0.0' /
+  skipped = (root / 'tfds' / 'audioset' / 'audio' / '1.1.0' /
              'skipped-balanced_train.txt').read_text().splitlines()
   assert len(skipped) == 2
-  assert skipped[0].startswith('missing1\tmissing audio/missing1{.wav')
+  assert skipped[0].startswith(
+      'missing1\tmissing audio/{missing1,Ymissing1,missing1_30.000_40.000,'
+      'Ymissing1_30.000_40.000,missing1_30.0_40.0,Ymissing1_30.0_40.0,'
+      'missing1_30_40,Ymissing1_30_40}{.wav,')
   assert skipped[1].startswith('corrupt1\tundecodable audio/corrupt1.wav')
 
 
@@ -354,3 +357,46 @@ def test_errors_name_the_problem(tmp_path):
                r'audio/long1.wav is 3.0 s long, more than its 1.0 s segment')
   with pytest.raises(FileNotFoundError, match='not prepared'):
     audioset.num_examples('eval', data_dir=str(tmp_path))
+
+
+def test_download_script_file_names_and_any_class_count(tmp_path):
+  """Y<YTID> and <YTID>_<start>_<end> names are found; K comes from the
+  class list; a K other than the one asked for is an error naming both."""
+  manual = tmp_path / 'manual'
+  (manual / 'audio').mkdir(parents=True)
+  with open(manual / 'class_labels_indices.csv', 'w') as f:
+    f.write('index,mid,display_name\n' + ''.join(
+        f'{i},/m/t{i:03d},"Class {i}"\n' for i in range(5)))
+  labels = {'plain1': [0], 'yprefix': [1], 'span3dp': [2], 'span0dp': [3],
+            'yspan01': [4], 'nofile1': [0]}
+  _write_csv(manual / 'eval_segments.csv', labels, 10.)
+  clip = np.arange(RATE // 10, dtype=np.int16)
+  for name in ('plain1', 'Yyprefix', 'span3dp_20.000_30.000',
+               'span0dp_30_40', 'Yyspan01_40.0_50.0'):
+    _write_wav(manual / 'audio' / f'{name}.wav', clip)
+  _write_wav(manual / 'audio' / 'nofile1_0_11.wav', clip)  # Wrong end time.
+  kwargs = {'data_dir': str(tmp_path / 'tfds'), 'manual_dir': str(manual)}
+  assert audioset.num_examples('eval', num_classes=5, **kwargs) == 5
+  skipped = (tmp_path / 'tfds' / 'audioset' / 'audio' / '1.1.0' /
+             'skipped-eval.txt').read_text()
+  assert skipped.startswith('nofile1\tmissing audio/{nofile1,Ynofile1,'
+                            'nofile1_50.000_60.000,')
+  batch = next(audioset.load('eval', batch_size=8, is_training=False,
+                             num_eval_clips=1, **kwargs))
+  assert batch['labels'].shape == (8, 5)
+  np.testing.assert_array_equal(batch['labels'][:5].sum(0), [1, 1, 1, 1, 1])
+  with pytest.raises(ValueError, match='have 5 classes .* num_classes=527'):
+    audioset.num_examples('eval', num_classes=527, **kwargs)
+
+
+def test_class_list_must_be_complete(tmp_path):
+  path = tmp_path / 'class_labels_indices.csv'
+  path.write_text('index,mid,display_name\n0,/m/a,A\n2,/m/b,B\n')
+  with pytest.raises(ValueError, match=r'expected indices 0..1'):
+    audioset.audioset_builder.read_class_labels(str(path))
+  path.write_text('index,mid,display_name\n0,/m/a,A\n1,/m/a,B\n')
+  with pytest.raises(ValueError, match='distinct mids'):
+    audioset.audioset_builder.read_class_labels(str(path))
+  path.write_text('index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n')
+  assert audioset.audioset_builder.read_class_labels(str(path)) == {
+      '/m/a': 0, '/m/b': 1}

@@ -1,8 +1,9 @@
-"""AudioSet input pipeline: audio, video or both, 527-way multi-hot labels.
+"""AudioSet input pipeline: audio, video or both, K-way multi-hot labels.
 
 Shapes: B per-process batch, W = 61,440 samples (1.28 s at 48 kHz),
 T = 120 mel frames, F = 40 mel bins, V = 32 video frames (1.28 s at 25 fps),
-S = image_size (224), C = num_eval_clips (16), K = 527 classes.
+S = image_size (224), C = num_eval_clips (16), K classes (527 in AudioSet;
+the prepared data's class_labels_indices.csv decides, see `num_classes`).
 
 Data: TFDS `audioset` (see `audioset_builder`: the user's clips plus the
 official CSVs in `manual_dir`), config `audio` for modality 'audio' and
@@ -65,13 +66,31 @@ MODALITIES = ('audio', 'video', 'audio_video')
 AUDIO_FORMATS = ('raw', 'mel')
 
 
-def _builder(data_dir, manual_dir, modality):
+def _builder(data_dir, manual_dir, modality, num_classes=None):
+  """The prepared builder; ValueError if its class count is not
+  `num_classes` (when given)."""
   if modality not in MODALITIES:
     raise ValueError(f'AudioSet modality {modality!r} not in {MODALITIES}.')
   config = 'audio' if modality == 'audio' else 'audio_video'
   builder = audioset_builder.AudioSet(data_dir=data_dir, config=config)
-  return tfds_pipeline.prepare(builder, data_dir=data_dir,
-                               manual_dir=manual_dir)
+  builder = tfds_pipeline.prepare(builder, data_dir=data_dir,
+                                  manual_dir=manual_dir)
+  found = data_num_classes(builder)
+  if num_classes is not None and found != num_classes:
+    raise ValueError(
+        f'AudioSet data in {builder.data_dir} have {found} classes (from '
+        f'class_labels_indices.csv) but num_classes={num_classes} was asked '
+        'for.')
+  return builder
+
+
+def data_num_classes(builder) -> int:
+  """K of a prepared `audioset` builder: its class list's length."""
+  found = builder.info.features['labels'].feature.num_classes
+  if not found:
+    raise ValueError(f'AudioSet data in {builder.data_dir} have no class '
+                     'names (built by an older version?); rebuild them.')
+  return found
 
 
 def _resolve_split(builder, split):
@@ -86,9 +105,9 @@ def _resolve_split(builder, split):
 
 def num_examples(split: str, *, data_dir: Optional[str] = None,
                  manual_dir: Optional[str] = None, modality: str = 'audio',
-                 **unused) -> int:
+                 num_classes: Optional[int] = None, **unused) -> int:
   del unused
-  builder = _builder(data_dir, manual_dir, modality)
+  builder = _builder(data_dir, manual_dir, modality, num_classes)
   return tfds_pipeline.num_examples(builder, _resolve_split(builder, split))
 
 
@@ -210,13 +229,14 @@ def _video_eval(jpegs, starts, image_size):
                    _frame_index(tf.shape(jpegs)[0], starts))
 
 
-def _multi_hot(labels):
+def _multi_hot(labels, num_classes):
   """[n] class indices -> float32 [K] multi-hot (zeros when n = 0)."""
-  return tf.minimum(tf.reduce_sum(tf.one_hot(labels, NUM_CLASSES), 0), 1.)
+  return tf.minimum(tf.reduce_sum(tf.one_hot(labels, num_classes), 0), 1.)
 
 
 def _make_preprocess(modality, audio_format, is_training, *, image_size,
-                     num_eval_clips, specaugment, video_dropout):
+                     num_eval_clips, specaugment, video_dropout,
+                     num_classes=NUM_CLASSES):
   """Returns preprocess(example, key) -> {'inputs', 'labels'}."""
   uses_audio = modality in ('audio', 'audio_video')
   uses_video = modality in ('video', 'audio_video')
@@ -266,7 +286,7 @@ def _make_preprocess(modality, audio_format, is_training, *, image_size,
               for k, v in inputs.items()}
     return {'inputs': inputs if modality == 'audio_video' else inputs[
         'audio' if modality == 'audio' else 'video'],
-            'labels': _multi_hot(example['labels'])}
+            'labels': _multi_hot(example['labels'], num_classes)}
   return preprocess
 
 
@@ -276,7 +296,8 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
          modality: str = 'audio', audio_format: str = 'raw',
          image_size: int = 224, num_eval_clips: int = 16,
          specaugment: bool = True, video_dropout: float = 0.3,
-         shuffle_buffer: int = 1_000) -> Iterator[dict[str, np.ndarray]]:
+         shuffle_buffer: int = 1_000, num_classes: Optional[int] = None,
+         ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of AudioSet windows; see the module docstring.
 
   Args:
@@ -292,15 +313,17 @@ def load(split: str, *, batch_size: int, is_training: bool, seed: int = 0,
       an example's video.
     shuffle_buffer: clips in the training shuffle buffer (~1 MB each of
       audio, a few MB with video).
+    num_classes: K expected of the data (e.g. the model's); None accepts
+      whatever class list the data were built with. `labels` are [B, K].
   """
   if audio_format not in AUDIO_FORMATS:
     raise ValueError(f'audio_format {audio_format!r} not in {AUDIO_FORMATS}.')
-  builder = _builder(data_dir, manual_dir, modality)
+  builder = _builder(data_dir, manual_dir, modality, num_classes)
   split = _resolve_split(builder, split)
   preprocess = _make_preprocess(
       modality, audio_format, is_training, image_size=image_size,
       num_eval_clips=num_eval_clips, specaugment=specaugment,
-      video_dropout=video_dropout)
+      video_dropout=video_dropout, num_classes=data_num_classes(builder))
   decoders = ({'video': tfds.decode.SkipDecoding()}
               if modality != 'audio' else None)
   common = dict(batch_size=batch_size, process_index=process_index,

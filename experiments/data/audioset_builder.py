@@ -2,14 +2,19 @@
 
 Layout of `manual_dir` (the official CSVs as published, plus the clips):
 
-  class_labels_indices.csv         index,mid,display_name (527 classes)
+  class_labels_indices.csv         index,mid,display_name (527 classes in
+                                   AudioSet; any number K >= 1 is read)
   balanced_train_segments.csv      '#' header lines, then rows
   unbalanced_train_segments.csv      YTID, start_seconds, end_seconds,
   eval_segments.csv                  "label_mid,label_mid,..."
-  audio/<YTID>.{wav,flac,ogg,opus,mp3,m4a}   the segment's audio, or
-  video/<YTID>.{mp4,mkv,webm}                the segment's video (its audio
+  audio/<NAME>.{wav,flac,ogg,opus,mp3,m4a}   the segment's audio, or
+  video/<NAME>.{mp4,mkv,webm}                the segment's video (its audio
                                              stream serves when audio/ has
                                              no file for the YTID)
+
+NAME is the YTID as the CSV spells it, or as common download scripts save
+it: Y<YTID> and <YTID>_<start>_<end> with the times as 30.000 / 30.0 / 30
+(also Y<YTID>_<start>_<end>); the first that exists is read.
 
 Each file holds just its segment (start_seconds..end_seconds of the CSV row),
 as AudioSet downloaders write them. Any CSV may be absent (its split is then
@@ -21,7 +26,9 @@ Configs:
   audio_video  audio as above and video [F] JPEG frames at 25 fps, resized so
                that the short side is 256 (nearest earlier source frame for
                each 1/25 s tick). Rows without a video file are skipped.
-Both store ytid, start_seconds and labels (class indices, any number).
+Both store ytid, start_seconds and labels (class indices, any number); the
+label feature's names are the mids of class_labels_indices.csv in index
+order, so `info.features['labels'].feature.num_classes` is K.
 
 A clip whose file is absent, fails to decode, or is more than a second longer
 than its segment (a whole video where a segment was expected) is skipped,
@@ -36,7 +43,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-NUM_CLASSES = 527
+NUM_CLASSES = 527  # AudioSet's ontology; other class lists are read as given.
 SAMPLE_RATE = 48_000
 FPS = 25
 VIDEO_SHORT_SIDE = 256
@@ -61,12 +68,13 @@ def read_class_labels(path: str) -> dict[str, int]:
     raise ValueError(f'{path}: expected a header "index,mid,display_name".')
   mids = {}
   for line, row in enumerate(rows[1:], start=2):
-    if len(row) < 2 or not row[0].isdigit():
+    if len(row) < 2 or not row[0].isdigit() or not row[1]:
       raise ValueError(f'{path}:{line}: malformed row {row}.')
     mids[row[1]] = int(row[0])
-  if sorted(mids.values()) != list(range(NUM_CLASSES)):
-    raise ValueError(f'{path}: expected indices 0..{NUM_CLASSES - 1} with '
-                     f'distinct mids, found {len(mids)} classes.')
+  if not mids or sorted(mids.values()) != list(range(len(rows) - 1)):
+    raise ValueError(f'{path}: expected indices 0..{len(rows) - 2} with '
+                     f'distinct mids, one per row, found {len(mids)} distinct '
+                     'mids.')
   return mids
 
 
@@ -95,11 +103,28 @@ def read_segments(path: str, mids: dict[str, int]):
   return rows
 
 
-def _find(directory, ytid, extensions):
-  for ext in extensions:
-    path = os.path.join(directory, ytid + ext)
-    if os.path.exists(path):
-      return path
+def _times(seconds: float) -> list[str]:
+  """30.0 -> ['30.000', '30.0', '30']: how download scripts spell times."""
+  spellings = [f'{seconds:.3f}', f'{seconds:.1f}']
+  if seconds == int(seconds):
+    spellings.append(str(int(seconds)))
+  return list(dict.fromkeys(spellings))
+
+
+def file_stems(ytid: str, start: float, end: float) -> list[str]:
+  """File names (without extension) a segment's clip may have, in the
+  order they are looked for."""
+  spans = [f'_{a}_{b}' for a, b in zip(_times(start), _times(end))]
+  return [prefix + ytid + span for span in ['', *spans]
+          for prefix in ('', 'Y')]
+
+
+def _find(directory, stems, extensions):
+  for stem in stems:
+    for ext in extensions:
+      path = os.path.join(directory, stem + ext)
+      if os.path.exists(path):
+        return path
   return None
 
 
@@ -156,8 +181,10 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
   """AudioSet (Gemmeke et al. 2017) clips from a manual download."""
 
   name = 'audioset'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Any number of classes: the label names are the '
+                            'mids of class_labels_indices.csv.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='audio', description='48 kHz mono audio.'),
       tfds.core.BuilderConfig(
@@ -168,7 +195,8 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
   manual_dir holds class_labels_indices.csv, any of balanced_train_segments.csv,
   unbalanced_train_segments.csv and eval_segments.csv, and the clips as
   audio/<YTID>.{wav,flac,ogg,opus,mp3,m4a} and/or video/<YTID>.{mp4,mkv,webm}
-  (each file holding just its segment).
+  (each file holding just its segment; Y<YTID> and <YTID>_<start>_<end> names
+  are found too).
   """
 
   def _info(self):
@@ -178,8 +206,9 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
         # Raw bytes: the default int64 list would parse ~5x slower.
         'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16,
                                       encoding=tfds.features.Encoding.BYTES),
-        'labels': tfds.features.Sequence(
-            tfds.features.ClassLabel(num_classes=NUM_CLASSES)),
+        # Names (the mids) are set from class_labels_indices.csv when the
+        # data are built and restored from labels.labels.txt when read.
+        'labels': tfds.features.Sequence(tfds.features.ClassLabel()),
     }
     if self.builder_config.name == 'audio_video':
       features['video'] = tfds.features.Video(
@@ -191,6 +220,7 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     mids = read_class_labels(os.path.join(manual_dir, LABELS_CSV))
+    self.info.features['labels'].feature.names = sorted(mids, key=mids.get)
     splits = {}
     for split, name in CSV_FILES.items():
       path = os.path.join(manual_dir, name)
@@ -207,14 +237,16 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
   def _clip(self, manual_dir, ytid, start, end):
     """(example fields, None) or (None, skip reason naming the file)."""
     with_video = self.builder_config.name == 'audio_video'
-    video_path = _find(os.path.join(manual_dir, 'video'), ytid,
+    stems = file_stems(ytid, start, end)
+    video_path = _find(os.path.join(manual_dir, 'video'), stems,
                        VIDEO_EXTENSIONS)
-    audio_path = (_find(os.path.join(manual_dir, 'audio'), ytid,
+    audio_path = (_find(os.path.join(manual_dir, 'audio'), stems,
                         AUDIO_EXTENSIONS) or video_path)
     if audio_path is None or (with_video and video_path is None):
-      wanted = (f'video/{ytid}{{{",".join(VIDEO_EXTENSIONS)}}}' if with_video
-                else f'audio/{ytid}{{{",".join(AUDIO_EXTENSIONS)}}}')
-      return None, f'missing {wanted}'
+      folder, extensions = (('video', VIDEO_EXTENSIONS) if with_video
+                            else ('audio', AUDIO_EXTENSIONS))
+      return None, (f'missing {folder}/{{{",".join(stems)}}}'
+                    f'{{{",".join(extensions)}}}')
     import av  # pylint: disable=g-import-not-at-top
     errors = (OSError, ValueError, av.FFmpegError)
     limit = end - start + _SLACK_SECONDS
