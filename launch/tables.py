@@ -173,7 +173,7 @@ TABLES: dict[int, Table] = {t.number: t for t in (
           local_data='drum recordings (held-out kits, mAP)',
           references=(Reference(
               'Class prior (each class scored by its train frequency)',
-              'audio', DRUMS, 'experiments.data.drums.class_prior_map'),)),
+              'audio', DRUMS, 'experiments.data.drums.class_prior_map_of'),)),
     Table(4, 'ModelNet40 top-1 (%)', ('top-1',), (
         Row('pointnet2', 'PointNet++',
             (_point_run('pointnet2', 91.9, local=True),)),

@@ -379,3 +379,9 @@ def class_prior_map(data_dir: str) -> float:
   prior = multi_hot(audioset_builder.CSV_FILES['balanced_train']).mean(0)
   test = multi_hot(audioset_builder.CSV_FILES['eval'])
   return metrics.mean_average_precision(np.tile(prior, (len(test), 1)), test)
+
+
+def class_prior_map_of(config) -> float:
+  """`class_prior_map` of a config's prepared data (config.data.manual_dir):
+  the chance level that Table 3's stand-ins are read against."""
+  return class_prior_map(config.data.manual_dir)

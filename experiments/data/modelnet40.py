@@ -231,6 +231,19 @@ def num_examples(split: str, *, data_dir: Optional[str] = None,
                      num_classes)['label'])
 
 
+def majority_rate(config) -> float:
+  """Test top-1 of always predicting the most frequent training class, on a
+  config's data: the chance level that Table 4's stand-ins are read
+  against."""
+  data = config.data.to_dict()
+  labels = {split: _arrays(split, data.get('data_dir'), data.get('manual_dir'),
+                           data.get('variant', 'ply_hdf5_2048'),
+                           data.get('num_classes', NUM_CLASSES))['label']
+            for split in SPLITS}
+  majority = np.bincount(labels['train']).argmax()
+  return float(np.mean(labels['test'] == majority))
+
+
 def normalise(points: np.ndarray) -> np.ndarray:
   """Zero mean, largest |coordinate| 1, per cloud: [B, P, 3] -> [B, P, 3]."""
   centred = points - points.mean(axis=1, keepdims=True)

@@ -2,6 +2,16 @@ r"""Prepares a dataset made from Debian packages of real recordings.
 
   python -m experiments.data.prepare --dataset=drums \
       [--out=workdirs/data/drums] [--source=FOLDER_OR_DEB] [--seed=0]
+  python -m experiments.data.prepare --dataset=kicad \
+      [--out=workdirs/data/kicad] [--source=FOLDER_OR_DEB] [--seed=0]
+
+  drums  real drum recordings (Debian hydrogen-drumkits) mixed into
+         multi-label clips in AudioSet's layout (experiments/data/drums.py);
+         read by configs/audioset.py:data=drums.
+  kicad  real CAD models of electronic parts (Debian kicad-packages3d) as
+         point clouds in ModelNet40's HDF5 layout
+         (experiments/data/cad_points.py); read by
+         configs/modelnet40.py:data=kicad.
 
 Each dataset module named in DATASETS has
 `prepare(out_dir, *, source=None, seed=0) -> dict` (a summary); it is
@@ -17,7 +27,8 @@ import time
 from absl import app
 from absl import flags
 
-DATASETS = {'drums': 'experiments.data.drums'}
+DATASETS = {'drums': 'experiments.data.drums',
+            'kicad': 'experiments.data.cad_points'}
 
 
 def prepare(dataset: str, out_dir: str | None = None, *,
