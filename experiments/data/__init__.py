@@ -43,4 +43,10 @@ Details shared by the modules here (each module's docstring has the rest):
     in_memory and tfds_pipeline hold the shared ordering and padding logic;
     `python -m experiments.data.benchmark --dataset=NAME` measures the input
     throughput of a training pipeline.
+  * Not dataset modules (no `load`): preparation tools that write real data
+    in a dataset's own on-disk layout, which that dataset's module then
+    reads like any user's copy: `python -m experiments.data.prepare
+    --dataset=drums|kicad` (drums.py: Debian's drum recordings as an
+    AudioSet; cad_points.py with the VRML reader vrml.py: Debian's KiCad CAD
+    models as a ModelNet40), and the builder audioset_builder.py.
 """
