@@ -44,7 +44,7 @@ def get_config(arg=None):
       # Table 2, permuted: one fixed pixel permutation after the positions.
       permutation_seed=0 if arg.permuted else config_dict.placeholder(int),
       # Position features projected once per batch in the cross-attends
-      # (perceiver/attention.py): the same numbers, less work.
+      # (perceiver/byte_array.py): the same numbers, less work.
       factored=True,
   )
 
@@ -62,6 +62,10 @@ def get_config(arg=None):
       share_weights=True,
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
+      # perceiver/cpu_kernels.py: same parameters and numbers; faster on
+      # XLA:CPU, see benchmarks/RESULTS.md. False: Haiku modules + autodiff
+      # (to compare on an accelerator, where XLA's own fusions may win).
+      cpu_kernels=True,
   )
   config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
 
@@ -103,7 +107,7 @@ def _training(config, arg):
       eps=1e-6,
       weight_decay=0.1,
       clip_grad_norm=10.0,
-  )  # lr as PAPER.md section 3 where given; the rest chosen
+  )  # optimizer and lr: paper section 4.1 (docs/paper.md); the rest chosen
   config.schedule = dict(kind='piecewise', warmup=0,  # chosen: no warm-up
                          boundaries=(84, 102, 114), decay_factor=0.1,
                          unit='epochs')

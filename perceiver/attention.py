@@ -1,4 +1,4 @@
-"""The Perceiver's attention blocks (paper section 2, docs/paper.md).
+"""The Perceiver's attention blocks (paper section 3.1, docs/paper.md).
 
 Shapes:
   B  batch

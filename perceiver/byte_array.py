@@ -6,8 +6,7 @@ Shapes:
   E  projection width (E_i: the width of one of several projections)
 
 The byte array is [B, M, C]: each input's raw channels followed by its position
-features (concatenated, not added: paper section 2; the Fourier features of
-section 3.2). The position features are the same for every example, so a
+features (concatenated, not added: paper section 3.2, docs/paper.md). The position features are the same for every example, so a
 preprocessor may hand them over unrepeated as a `FactoredByteArray`
 (raw [B, M, c], pos [M, p]): the same byte array, stored in two parts.
 
