@@ -10,6 +10,12 @@ synthetic (made-up data of the same shapes: experiments/data/synthetic.py).
 Training is CPU-scale; nothing here is from the paper, so every choice below
 is marked chosen.
 
+model.cpu_kernels: True (default) computes the blocks with perceiver/cpu_kernels.py
+(custom gradients, fused projections: same parameters, same numbers), the faster
+setting on XLA:CPU today (1.4-1.8x per train step, benchmarks/RESULTS.md,
+2026-11-29); False uses Haiku modules and plain autodiff, to compare on an
+accelerator where XLA's own fusions may win (launch.benchmark --cpu_kernels=false).
+
 Sweeps (python -m launch.sweep --config=configs/fashion_mnist.py --sweep=lr):
 sweep_lr, sweep_position_encoding.
 """
@@ -55,10 +61,7 @@ def get_config(arg=None):
       share_weights=True,
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
-      # perceiver/cpu_kernels.py: same parameters and numbers; faster on
-      # XLA:CPU, see benchmarks/RESULTS.md. False: Haiku modules + autodiff
-      # (to compare on an accelerator, where XLA's own fusions may win).
-      cpu_kernels=True,
+      cpu_kernels=True,  # faster on CPU; see the docstring
   )
   config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
   _training(config, arg)

@@ -17,6 +17,12 @@ Sweeps (python -m launch.sweep --config=configs/imagenet.py --sweep=NAME):
   cross_attends (Table 6), weight_sharing (Table 7), position_encoding (Table 2),
   lr.
 
+model.cpu_kernels: True (default) computes the blocks with perceiver/cpu_kernels.py
+(custom gradients, fused projections: same parameters, same numbers), the faster
+setting on XLA:CPU today (1.4-1.8x per train step, benchmarks/RESULTS.md,
+2026-11-29); False uses Haiku modules and plain autodiff, to compare on an
+accelerator where XLA's own fusions may win (launch.benchmark --cpu_kernels=false).
+
 The paper's ablations are plain fields: model.num_blocks (R), .num_self_attends_per_block (L),
 .cross_attend_arrangement ('interleaved' | 'start'), .share_weights, input.position_encoding
 ('fourier' | 'learned' | 'none').
@@ -62,10 +68,7 @@ def get_config(arg=None):
       share_weights=True,
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
-      # perceiver/cpu_kernels.py: same parameters and numbers; faster on
-      # XLA:CPU, see benchmarks/RESULTS.md. False: Haiku modules + autodiff
-      # (to compare on an accelerator, where XLA's own fusions may win).
-      cpu_kernels=True,
+      cpu_kernels=True,  # faster on CPU; see the docstring
   )
   config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
 

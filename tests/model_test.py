@@ -275,13 +275,13 @@ def test_factored_byte_array_equals_dense(chunk_size, permutation_seed):
                                atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
-@pytest.mark.parametrize('chunk_size', [None, 50])
-@pytest.mark.parametrize('factored', [False, True])
+@pytest.mark.parametrize('chunk_size,factored', [(None, False), (50, True)])
 def test_cpu_kernels_switch_changes_no_parameter_nor_number(chunk_size,
                                                             factored):
   """cpu_kernels=False (Haiku modules, plain autodiff) against the default:
   the same parameters (names, shapes, initial values), outputs and every
-  parameter gradient."""
+  parameter gradient (each block in float64, all four combinations of
+  dense / factored and plain / chunked: tests/attention_test.py)."""
   images = jax.random.normal(jax.random.key(10), (3, 12, 10, 2))
 
   def make(cpu_kernels):
