@@ -10,6 +10,12 @@ synthetic (made-up data of the same shapes: experiments/data/synthetic.py).
 Training is CPU-scale; nothing here is from the paper, so every choice below
 is marked chosen.
 
+model.cpu_kernels: True (default) computes the blocks with perceiver/cpu_kernels.py
+(custom gradients, fused projections: same parameters, same numbers), the faster
+setting on XLA:CPU today (1.4-1.8x per train step, benchmarks/RESULTS.md,
+2026-11-29); False uses Haiku modules and plain autodiff, to compare on an
+accelerator where XLA's own fusions may win (launch.benchmark --cpu_kernels=false).
+
 Sweeps (python -m launch.sweep --config=configs/fashion_mnist.py --sweep=lr):
 sweep_lr, sweep_position_encoding.
 """
@@ -35,7 +41,7 @@ def get_config(arg=None):
       learned_init_scale=1.0,
       permutation_seed=0 if arg.permuted else config_dict.placeholder(int),
       # Position features projected once per batch in the cross-attends
-      # (perceiver/attention.py): the same numbers, less work.
+      # (perceiver/byte_array.py): the same numbers, less work.
       factored=True,
   )
 
@@ -43,7 +49,7 @@ def get_config(arg=None):
   config.model = dict(
       num_classes=10,
       # Chosen for the 15-minute CPU budget of the README's main job: 16 x 64
-      # latents train at ~1,400 examples/s on 2 cores and reach ~85% in 2 epochs.
+      # latents (train-step speed on CPU: benchmarks/RESULTS.md).
       num_latents=16,
       latent_channels=64,
       num_blocks=2,
@@ -55,6 +61,7 @@ def get_config(arg=None):
       share_weights=True,
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
+      cpu_kernels=True,  # faster on CPU; see the docstring
   )
   config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
   _training(config, arg)
@@ -87,7 +94,7 @@ def _training(config, arg):
       eps=1e-6,
       weight_decay=0.01,
       clip_grad_norm=10.0,
-  )  # lr as PAPER.md section 3 where given; the rest chosen
+  )  # LAMB as the paper's ImageNet (section 4.1, docs/paper.md); the rest chosen
   config.schedule = dict(kind='cosine', warmup=0.5, boundaries=(),  # chosen
                          decay_factor=0.1, unit='epochs')
   config.log_every_steps = 100

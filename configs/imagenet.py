@@ -17,6 +17,12 @@ Sweeps (python -m launch.sweep --config=configs/imagenet.py --sweep=NAME):
   cross_attends (Table 6), weight_sharing (Table 7), position_encoding (Table 2),
   lr.
 
+model.cpu_kernels: True (default) computes the blocks with perceiver/cpu_kernels.py
+(custom gradients, fused projections: same parameters, same numbers), the faster
+setting on XLA:CPU today (1.4-1.8x per train step, benchmarks/RESULTS.md,
+2026-11-29); False uses Haiku modules and plain autodiff, to compare on an
+accelerator where XLA's own fusions may win (launch.benchmark --cpu_kernels=false).
+
 The paper's ablations are plain fields: model.num_blocks (R), .num_self_attends_per_block (L),
 .cross_attend_arrangement ('interleaved' | 'start'), .share_weights, input.position_encoding
 ('fourier' | 'learned' | 'none').
@@ -44,7 +50,7 @@ def get_config(arg=None):
       # Table 2, permuted: one fixed pixel permutation after the positions.
       permutation_seed=0 if arg.permuted else config_dict.placeholder(int),
       # Position features projected once per batch in the cross-attends
-      # (perceiver/attention.py): the same numbers, less work.
+      # (perceiver/byte_array.py): the same numbers, less work.
       factored=True,
   )
 
@@ -62,6 +68,7 @@ def get_config(arg=None):
       share_weights=True,
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
+      cpu_kernels=True,  # faster on CPU; see the docstring
   )
   config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
 
@@ -103,7 +110,7 @@ def _training(config, arg):
       eps=1e-6,
       weight_decay=0.1,
       clip_grad_norm=10.0,
-  )  # lr as PAPER.md section 3 where given; the rest chosen
+  )  # optimizer and lr: paper section 4.1 (docs/paper.md); the rest chosen
   config.schedule = dict(kind='piecewise', warmup=0,  # chosen: no warm-up
                          boundaries=(84, 102, 114), decay_factor=0.1,
                          unit='epochs')

@@ -1,6 +1,7 @@
 r"""Workload W1 (issue 6): the speed comparison with the PyTorch Perceivers.
 
   python -m launch.benchmark --workload=W1
+  python -m launch.benchmark --workload=W1 --cpu_kernels=false  # plain autodiff
 
 Batch 16 of 64x64x3 images flattened to M = 4,096 inputs with 32 Fourier
 bands per axis (C = 3 + 2 * (2 * 32 + 1) = 133); latents N = 256 x D = 512;

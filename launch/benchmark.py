@@ -2,6 +2,7 @@ r"""Train-step speed of a config next to a plain matmul on the same devices.
 
   python -m launch.benchmark --config=configs/fashion_mnist.py [--batch_size=B]
   python -m launch.benchmark --workload=NAME      # a registered preset
+  python -m launch.benchmark --workload=W1 --cpu_kernels=false  # plain autodiff
 
 Prints the train-step time, examples/s, FLOPs per step (XLA's cost analysis
 of the compiled, partitioned step, times the number of devices), the achieved
@@ -198,6 +199,9 @@ def define_flags() -> None:
   flags.DEFINE_string('mixed_precision', None,
                       "Sets config.mixed_precision, e.g. 'bf16' "
                       '(experiments/precision.py).')
+  flags.DEFINE_bool('cpu_kernels', None,
+                    'Sets config.model.cpu_kernels (perceiver/cpu_kernels.py; '
+                    'unset: the config\'s own setting).')
   host_memory.define_flag()
 
 
@@ -219,6 +223,9 @@ def main(argv):
   if f.mixed_precision:
     config.mixed_precision = f.mixed_precision
     name += f' {f.mixed_precision}'
+  if f.cpu_kernels is not None:
+    config.model.cpu_kernels = f.cpu_kernels
+    name += f' cpu_kernels={f.cpu_kernels}'
   train = benchmark_train_step(config, f.batch_size or batch_size,
                                iterations=f.iterations, rounds=f.rounds)
   matmul = benchmark_matmul(f.matmul_n, iterations=f.iterations)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from perceiver import attention
+from perceiver import cpu_kernels as kernels
 
 ARRANGEMENTS = ('interleaved', 'start')
 
@@ -35,12 +36,14 @@ class LatentTransformer(hk.Module):
 
   def __init__(self, *, num_layers: int, num_heads: int = 8,
                qk_channels: int | None = None, v_channels: int | None = None,
-               widening_factor: int = 1, name: str | None = None):
+               widening_factor: int = 1, cpu_kernels: bool = True,
+               name: str | None = None):
     super().__init__(name=name)
     self._num_layers = num_layers
     self._layer_kwargs = dict(num_heads=num_heads, qk_channels=qk_channels,
                               v_channels=v_channels,
-                              widening_factor=widening_factor)
+                              widening_factor=widening_factor,
+                              cpu_kernels=cpu_kernels)
 
   def __call__(self, z: jax.Array) -> jax.Array:
     for i in range(self._num_layers):
@@ -66,6 +69,7 @@ class Perceiver(hk.Module):
                share_weights: bool = True, latent_init_scale: float = 0.02,
                cross_attend_chunk_size: int | None = None,
                remat_latent_blocks: bool = False,
+               cpu_kernels: bool = True,
                name: str | None = None):
     """Constructor.
 
@@ -96,6 +100,11 @@ class Perceiver(hk.Module):
         (memory-lean for huge M); None = plain attention.
       remat_latent_blocks: rematerialise each latent Transformer in the
         backward pass (less memory, more compute).
+      cpu_kernels: compute every block with perceiver/cpu_kernels.py (custom
+        gradients and fused projections laid out for XLA:CPU; True) or with
+        Haiku's modules and plain autodiff (False). Same parameters, same
+        numbers; which is faster is a property of the backend
+        (benchmarks/RESULTS.md).
       name: module name.
     """
     super().__init__(name=name)
@@ -117,14 +126,15 @@ class Perceiver(hk.Module):
     self._share_weights = share_weights
     self._latent_init_scale = latent_init_scale
     self._remat = remat_latent_blocks
+    self._cpu_kernels = cpu_kernels
     self._cross_kwargs = dict(
         num_heads=num_cross_heads, qk_channels=cross_qk_channels,
         v_channels=cross_v_channels, widening_factor=cross_widening_factor,
-        chunk_size=cross_attend_chunk_size)
+        chunk_size=cross_attend_chunk_size, cpu_kernels=cpu_kernels)
     self._latent_kwargs = dict(
         num_layers=num_self_attends_per_block, num_heads=num_self_heads,
         qk_channels=self_qk_channels, v_channels=self_v_channels,
-        widening_factor=self_widening_factor)
+        widening_factor=self_widening_factor, cpu_kernels=cpu_kernels)
 
   @hk.transparent
   def _blocks(self):
@@ -169,9 +179,11 @@ class Perceiver(hk.Module):
     latents = hk.get_parameter(
         'latents', [self._num_latents, self._latent_channels],
         init=hk.initializers.TruncatedNormal(stddev=self._latent_init_scale))
-    # Broadcast over the batch (its gradient summed as a matmul).
-    z = attention.add_shared(jnp.zeros((b,) + latents.shape, inputs.dtype),
-                             latents.astype(inputs.dtype))  # [B, N, D]
+    latents = latents.astype(inputs.dtype)
+    if self._cpu_kernels:
+      z = kernels.broadcast(latents, b)  # [B, N, D]
+    else:
+      z = jnp.broadcast_to(latents, (b,) + latents.shape)  # [B, N, D]
     crosses, transformers = self._blocks()
     if self._remat:
       transformers = [hk.remat(t) for t in transformers]

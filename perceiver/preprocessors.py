@@ -11,7 +11,7 @@ are concatenated to the raw channels (not added), as in the paper. With
 `factored=True` the concatenation is left to the consumer: the result is a
 `FactoredByteArray(raw [B, M, c], pos [M, p])`, the same byte array, which the
 Perceiver's cross-attends project without repeating the position features'
-share for every example (perceiver/attention.py).
+share for every example (perceiver/byte_array.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver import position_encoding
-from perceiver.attention import as_dense
-from perceiver.attention import FactoredByteArray
+from perceiver.byte_array import as_dense
+from perceiver.byte_array import FactoredByteArray
 
 POSITION_ENCODINGS = ('fourier', 'learned', 'none')
 

@@ -55,7 +55,7 @@ class Transformer(hk.Module):
   def __init__(self, *, num_classes: int, num_layers: int = 6,
                num_channels: int = 1024, num_heads: int = 8,
                widening_factor: int = 1, remat_layers: bool = False,
-               name: str | None = None):
+               cpu_kernels: bool = True, name: str | None = None):
     """Constructor.
 
     Args:
@@ -66,13 +66,16 @@ class Transformer(hk.Module):
       widening_factor: of each MLP block (1, as in the Perceiver).
       remat_layers: rematerialise each layer in the backward pass (the
         [B, H, M, M] attention weights are then not stored).
+      cpu_kernels: the layers' switch (perceiver/attention.py): XLA:CPU
+        kernels (True) or Haiku modules with plain autodiff (False).
       name: module name.
     """
     super().__init__(name=name)
     self._num_classes = num_classes
     self._num_layers = num_layers
     self._num_channels = num_channels
-    self._layer = dict(num_heads=num_heads, widening_factor=widening_factor)
+    self._layer = dict(num_heads=num_heads, widening_factor=widening_factor,
+                       cpu_kernels=cpu_kernels)
     self._remat = remat_layers
 
   def __call__(self, x: jax.Array, *, is_training: bool) -> jax.Array:

@@ -100,7 +100,7 @@ class EncoderBlock(hk.Module):
     q = linear(d, 'query')(y).reshape(b, t, h, d // h)  # [B, T, H, D/H]
     k = linear(d, 'key')(y).reshape(b, t, h, d // h)  # [B, T, H, D/H]
     v = linear(d, 'value')(y).reshape(b, t, h, d // h)  # [B, T, H, D/H]
-    y = attention.attend(q, k, v).reshape(b, t, d)  # [B, T, D]
+    y = attention.attend(q, k, v)[0].reshape(b, t, d)  # [B, T, D]
     y = linear(d, 'output')(y)  # [B, T, D]
     x = x + _dropout(y, self._dropout_rate, is_training)
 

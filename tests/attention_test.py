@@ -1,16 +1,20 @@
-"""The custom gradients of perceiver/attention.py against plain autodiff.
+"""The CPU kernels (perceiver/cpu_kernels.py) against plain autodiff.
 
-Each function with a custom VJP is compared, in float64, with jax.grad of the
-same formula written plainly, for every argument (inputs included, though the
-model never needs the byte array's gradient).
+Each function with a custom VJP, and the plain factored projection of
+perceiver/byte_array.py, is compared, in float64, with jax.grad of the same
+formula written plainly (on the dense byte array), for every argument
+(inputs included, though the model never needs the byte array's gradient).
 """
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from perceiver import attention
+from perceiver import byte_array
+from perceiver import cpu_kernels
 
 
 def _plain_projection(raw, pos, scale, offset, w, b):
@@ -18,7 +22,7 @@ def _plain_projection(raw, pos, scale, offset, w, b):
       [raw, jnp.broadcast_to(pos, raw.shape[:1] + pos.shape)], axis=-1)
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return ((x - mean) / jnp.sqrt(var + attention.LN_EPS) * scale + offset) @ w + b
+  return ((x - mean) / jnp.sqrt(var + byte_array.LN_EPS) * scale + offset) @ w + b
 
 
 def _args(*shapes, seed=0):
@@ -37,14 +41,18 @@ def _assert_same_gradients(fast, plain, args):
 
 
 @pytest.mark.parametrize('widths', [None, (3, 4)])
-def test_factored_projection(widths):
+@pytest.mark.parametrize('projection', [cpu_kernels.normalized_projection,
+                                        byte_array.normalized_projection])
+def test_factored_projection(widths, projection):
   with jax.enable_x64(True):
     raw, pos, scale, offset, w, b = _args((3, 5, 2), (5, 4), (6,), (6,),
                                           (6, 7), (7,))
-    def fast(raw, pos, *p):  # The blocks side by side again.
-      out = attention.normalized_projection(
-          attention.FactoredByteArray(raw, pos), *p, widths=widths)
-      return out if widths is None else jnp.concatenate(out, axis=-1)
+    def fast(raw, pos, scale, offset, w, b):  # The blocks side by side again.
+      blocks = [(w, b)] if widths is None else [
+          (w[:, :3], b[:3]), (w[:, 3:], b[3:])]
+      out = projection(byte_array.FactoredByteArray(raw, pos), scale, offset,
+                       blocks)
+      return jnp.concatenate(out, axis=-1)
     _assert_same_gradients(fast, _plain_projection,
                            [raw, pos, 1 + scale, offset, w, b])
 
@@ -52,7 +60,7 @@ def test_factored_projection(widths):
 @pytest.mark.parametrize('shape', [(3, 4, 6), (8, 6)])
 def test_linear(shape):
   with jax.enable_x64(True):
-    _assert_same_gradients(attention.linear, lambda x, w, b: x @ w + b,
+    _assert_same_gradients(cpu_kernels.linear, lambda x, w, b: x @ w + b,
                            _args(shape, (6, 5), (5,)))
 
 
@@ -60,5 +68,54 @@ def test_linear(shape):
 def test_shared_add_and_multiply(size):
   with jax.enable_x64(True):
     x, y = _args((2, 3, size), (size,))
-    _assert_same_gradients(attention.add_shared, lambda x, y: x + y, [x, y])
-    _assert_same_gradients(attention.mul_shared, lambda x, y: x * y, [x, y])
+    _assert_same_gradients(cpu_kernels.add_shared, lambda x, y: x + y, [x, y])
+    _assert_same_gradients(cpu_kernels.mul_shared, lambda x, y: x * y, [x, y])
+
+
+def _blocks_both_ways(block, x, z):
+  """(params, loss of params for cpu_kernels False, the same for True)."""
+  def make(cpu_kernels):
+    def fwd(z):
+      if block.startswith('cross'):
+        return attention.CrossAttention(
+            num_heads=2, qk_channels=6, v_channels=4, cpu_kernels=cpu_kernels,
+            chunk_size=3 if block == 'cross_chunked' else None)(z, x)
+      qk, vc = (8, 8) if block == 'self' else (8, 4)
+      return attention.SelfAttention(num_heads=2, qk_channels=qk,
+                                     v_channels=vc, widening_factor=2,
+                                     cpu_kernels=cpu_kernels)(z)
+    return hk.without_apply_rng(hk.transform(fwd))
+  plain, fast = make(False), make(True)
+  params = plain.init(jax.random.key(0), z)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(
+      np.shape, fast.init(jax.random.key(0), z))
+  keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params)))
+  params = jax.tree.unflatten(jax.tree.structure(params), [
+      np.asarray(p + 0.3 * jax.random.normal(k, p.shape), np.float64)
+      for p, k in zip(jax.tree.leaves(params), keys)])
+  return params, plain.apply, fast.apply
+
+
+@pytest.mark.parametrize('block,factored', [
+    ('cross', False), ('cross', True), ('cross_chunked', False),
+    ('cross_chunked', True), ('self', False), ('self_unequal', False)])
+def test_blocks_equal_with_and_without_cpu_kernels(block, factored):
+  """A block's output and every parameter gradient, in float64, whichever
+  path computes it (chunked: 7 inputs in chunks of 3)."""
+  raw, pos, z, cotangent = _args((2, 7, 3), (7, 4), (2, 5, 8), (2, 5, 8))
+  x = (byte_array.FactoredByteArray(raw, pos) if factored else
+       byte_array.FactoredByteArray(raw, pos).dense())
+  params, plain, fast = _blocks_both_ways(block, x, z)
+  with jax.enable_x64(True):
+    x, z = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (x, z))
+    cotangent = jnp.asarray(cotangent, jnp.float64)
+    plain, fast = jax.jit(plain), jax.jit(fast)
+    np.testing.assert_allclose(fast(params, z), plain(params, z), rtol=1e-12)
+    grad = lambda f: jax.jit(jax.grad(
+        lambda p: jnp.vdot(f(p, z), cotangent)))(params)
+    want, got = grad(plain), grad(fast)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
+                            jax.tree.leaves(got)):
+      assert np.abs(w).max() > 0 or 'key' in jax.tree_util.keystr(path)
+      np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12,
+                                 err_msg=jax.tree_util.keystr(path))

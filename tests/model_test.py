@@ -273,3 +273,42 @@ def test_factored_byte_array_equals_dense(chunk_size, permutation_seed):
     # float32, another summation order: tolerance relative to the leaf's scale.
     np.testing.assert_allclose(a, b, rtol=1e-3,
                                atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize('chunk_size,factored', [(None, False), (50, True)])
+def test_cpu_kernels_switch_changes_no_parameter_nor_number(chunk_size,
+                                                            factored):
+  """cpu_kernels=False (Haiku modules, plain autodiff) against the default:
+  the same parameters (names, shapes, initial values), outputs and every
+  parameter gradient (each block in float64, all four combinations of
+  dense / factored and plain / chunked: tests/attention_test.py)."""
+  images = jax.random.normal(jax.random.key(10), (3, 12, 10, 2))
+
+  def make(cpu_kernels):
+    def fwd(x):
+      b = perceiver.ImagePreprocessor(input_channels=2, num_bands=5,
+                                      max_resolution=(12, 10),
+                                      factored=factored)(x)
+      return perceiver.Perceiver(**SMALL, cross_attend_chunk_size=chunk_size,
+                                 cpu_kernels=cpu_kernels)(b, is_training=False)
+    return hk.transform(fwd)
+
+  fast, plain = make(True), make(False)
+  params = fast.init(jax.random.key(0), images)
+  for a, b in zip(jax.tree.leaves(params),
+                  jax.tree.leaves(plain.init(jax.random.key(0), images))):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      plain.init(jax.random.key(0), images))
+  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(
+      jax.random.key(4), p.shape), params)
+  out = jax.jit(fast.apply)(params, None, images)
+  assert float(jnp.abs(out).max()) > 0.1
+  np.testing.assert_allclose(jax.jit(plain.apply)(params, None, images), out,
+                             rtol=1e-4, atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(
+      lambda p: jnp.sum(jnp.sin(f.apply(p, None, images)))))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(
+      loss(fast)(params)), jax.tree.leaves(loss(plain)(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, err_msg=str(path),
+                               atol=1e-5 * max(1.0, float(np.abs(b).max())))

@@ -1,12 +1,13 @@
 """The Perceiver against an independent numpy reading of the paper.
 
-The reference below is written from PAPER.md section 1 alone (pre-LN blocks,
-1-head cross-attend with Q/K/V width C, 8-head latent self-attention, MLP
-widening 1, GELU, mean over latents then a linear head, the v2 weight-sharing
-scheme) and evaluated in float64 from the model's own parameters, with
-jax.numpy so that it can be differentiated too. Every speed change to
-perceiver/ (custom gradients included) must keep the Haiku model's outputs and
-parameter gradients equal to it.
+The reference below is written from the paper's architecture alone (paper
+section 3.1, docs/paper.md: pre-LN blocks, 1-head
+cross-attend with Q/K/V width C, 8-head latent self-attention, MLP widening 1,
+GELU, mean over latents then a linear head, the v2 weight-sharing scheme) and
+evaluated in float64 from the model's own parameters, with jax.numpy so that
+it can be differentiated too. Every speed change to perceiver/ (the CPU
+kernels included) must keep the Haiku model's outputs and parameter gradients
+equal to it, with `cpu_kernels` on and off.
 """
 
 import haiku as hk
@@ -86,12 +87,12 @@ def reference_logits(params, x, *, blocks, layers, heads, shared):
 BLOCKS, LAYERS, HEADS = 3, 2, 4
 
 
-def _model_and_params(shared, chunk_size):
+def _model_and_params(shared, chunk_size, cpu_kernels=True):
   f = hk.transform(lambda x: perceiver.Perceiver(
       num_classes=6, num_latents=8, latent_channels=32, num_blocks=BLOCKS,
       num_self_attends_per_block=LAYERS, num_self_heads=HEADS,
-      share_weights=shared, cross_attend_chunk_size=chunk_size)(
-          x, is_training=False))
+      share_weights=shared, cross_attend_chunk_size=chunk_size,
+      cpu_kernels=cpu_kernels)(x, is_training=False))
   x = jax.random.normal(jax.random.key(0), (2, 23, 12))
   params = f.init(jax.random.key(1), x)
   # Non-trivial LayerNorm scales/offsets and head.
@@ -102,10 +103,11 @@ def _model_and_params(shared, chunk_size):
   return f, params, x
 
 
+@pytest.mark.parametrize('cpu_kernels', [True, False])
 @pytest.mark.parametrize('shared', [True, False])
 @pytest.mark.parametrize('chunk_size', [None, 7])
-def test_model_equals_numpy_reference(shared, chunk_size):
-  f, params, x = _model_and_params(shared, chunk_size)
+def test_model_equals_numpy_reference(shared, chunk_size, cpu_kernels):
+  f, params, x = _model_and_params(shared, chunk_size, cpu_kernels)
   got = np.asarray(jax.jit(f.apply)(params, None, x))
   with jax.enable_x64(True):
     want = np.asarray(reference_logits(params, x, blocks=BLOCKS, layers=LAYERS,
@@ -114,12 +116,15 @@ def test_model_equals_numpy_reference(shared, chunk_size):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize('chunk_size', [None, 7])
-@pytest.mark.parametrize('factored', [False, True])
-def test_parameter_gradients_equal_reference_gradients(chunk_size, factored):
-  """The custom gradients (linear, add_shared, mul_shared, the factored
-  projection, chunked attention) against float64 autodiff of the paper."""
-  f, params, x = _model_and_params(True, chunk_size)
+@pytest.mark.parametrize('chunk_size,factored,cpu_kernels', [
+    (None, False, True), (None, True, True), (7, False, True), (7, True, True),
+    (None, True, False), (7, True, False)])
+def test_parameter_gradients_equal_reference_gradients(chunk_size, factored,
+                                                       cpu_kernels):
+  """The gradients (with the CPU kernels: linear, add_shared, mul_shared, the
+  factored projection; chunked attention; and plain autodiff) against
+  float64 autodiff of the paper."""
+  f, params, x = _model_and_params(True, chunk_size, cpu_kernels)
   # The model sees the last 5 channels as position features shared by the
   # batch (the reference sees the same numbers as one dense array).
   x = x.at[1, :, 7:].set(x[0, :, 7:])

@@ -1,0 +1,305 @@
+"""The Perceiver's blocks laid out for XLA:CPU: same parameters, same numbers.
+
+Shapes:
+  B  batch      M  inputs      C = c + p  byte array channels (raw + position)
+  N  latents    H  heads       Q / V  per-head query-key / value width
+  T  rows of a linear layer (all leading axes flattened)
+  E  projection width (E_i: one block of a fused projection)
+
+perceiver/attention.py writes each block as the paper's math with Haiku's own
+modules and lets autodiff take the gradients. `Perceiver(cpu_kernels=True)`
+(and each block's `cpu_kernels` argument) swaps in what is below instead. None
+of it is new mathematics; every function here equals its plain counterpart,
+outputs and gradients (tests/attention_test.py, tests/reference_test.py):
+
+- custom VJPs that give XLA:CPU its fast matmul forms: a linear layer's weight
+  gradient as a plain [I, T] x [T, O] product with x^T materialised (XLA:CPU
+  runs the equivalent contraction over the leading axis of both operands in a
+  slower generic kernel), and sums over the batch of the gradients of shared
+  terms (biases, LayerNorm scales and offsets, the latents, position
+  features) as a product with a ones vector when the summed array is large
+  (`_sum_leading`);
+- fused projections (keys and values, or queries, keys and values, from one
+  matmul), the factored byte array's projection with a hand-written backward
+  that reads each cotangent once, and attention in layouts that map onto
+  batched matmuls (head-major for self-attention, softmax normalised after
+  the weighted sum).
+
+Which setting is faster depends on the backend and the jaxlib; measurements
+with the commands that produced them are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from perceiver import byte_array
+
+# Above this many elements, a sum over leading axes runs as a matmul with a
+# ones vector (see `_sum_leading`).
+_MATMUL_SUM_MIN_SIZE = 4096
+
+
+def _sum_leading(g: jax.Array, shape) -> jax.Array:
+  """Sums g over its leading axes down to `shape`.
+
+  On XLA:CPU a reduction over the leading axis of a [rows, size] array with a
+  large `size` is much slower than the same sum as a product with a ones
+  vector, while for a small `size` the reduction is the faster of the two:
+  pick by size (the threshold is tuned to the jaxlib in benchmarks/RESULTS.md).
+  """
+  size = math.prod(shape)
+  rows = g.size // size
+  g = g.reshape(rows, size)
+  if size >= _MATMUL_SUM_MIN_SIZE:
+    return (jnp.ones((1, rows), g.dtype) @ g).reshape(shape)
+  return g.sum(axis=0).reshape(shape)
+
+
+@jax.custom_vjp
+def add_shared(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x + y for y broadcast over x's leading axes (a bias, a shared term)."""
+  return x + y
+
+
+def _add_shared_fwd(x, y):
+  return x + y, jnp.zeros((0,) + y.shape, y.dtype)  # y's shape and dtype
+
+
+def _add_shared_bwd(y_carrier, g):
+  return g, _sum_leading(g, y_carrier.shape[1:]).astype(y_carrier.dtype)
+
+
+add_shared.defvjp(_add_shared_fwd, _add_shared_bwd)
+
+
+@jax.custom_vjp
+def mul_shared(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x * y for y broadcast over x's leading axes (a LayerNorm scale)."""
+  return x * y
+
+
+def _mul_shared_fwd(x, y):
+  return x * y, (x, y)
+
+
+def _mul_shared_bwd(residuals, g):
+  x, y = residuals
+  return g * y, _sum_leading(g * x, y.shape).astype(y.dtype)
+
+
+mul_shared.defvjp(_mul_shared_fwd, _mul_shared_bwd)
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """x @ w + b over the last axis of x: [..., I] -> [..., O].
+
+  The gradient is the usual one: dw = x^T g as a plain [I, T] x [T, O]
+  product with x^T materialised (the optimisation barrier keeps XLA from
+  folding the transpose back into the product), db summed as in `add_shared`.
+  """
+  return x @ w + b
+
+
+def _linear_fwd(x, w, b):
+  return linear(x, w, b), (x, w, jnp.zeros((0,) + b.shape, b.dtype))
+
+
+def _linear_bwd(residuals, g):
+  x, w, b_carrier = residuals
+  x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [I, T]
+  dw = x_t @ g.reshape(-1, g.shape[-1])  # [I, O]
+  dx = g @ w.T  # [..., I]
+  db = _sum_leading(g, b_carrier.shape[1:])  # [O]
+  return (dx.astype(x.dtype), dw.astype(w.dtype),
+          db.astype(b_carrier.dtype))
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+  """hk.LayerNorm over the last axis (eps 1e-5), as a pure function."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  normalized = (x - mean) * jax.lax.rsqrt(var + byte_array.LN_EPS)
+  return add_shared(mul_shared(normalized, scale), offset)
+
+
+class Linear(hk.Module):
+  """hk.Linear's parameters and output; the gradient of `linear`."""
+
+  def __init__(self, output_size: int, name: str | None = None):
+    super().__init__(name=name)
+    self._output_size = output_size
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w, b = byte_array.linear_params(None, x.shape[-1], self._output_size)
+    return linear(x, w, b)  # [..., O]
+
+
+class LayerNorm(hk.Module):
+  """hk.LayerNorm's parameters and output (last axis, scale and offset);
+  the gradients of `add_shared` and `mul_shared`."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layer_norm(x, *byte_array.layer_norm_params(None, x.shape[-1]))
+
+
+def broadcast(x: jax.Array, batch: int) -> jax.Array:
+  """[...] -> [batch, ...], the gradient summed as in `add_shared`."""
+  return add_shared(jnp.zeros((batch,) + x.shape, x.dtype), x)
+
+
+def _column_blocks(x: jax.Array, widths):
+  """The column blocks of x [..., sum(widths)], left to right."""
+  ends = itertools.accumulate(widths)
+  return [x[..., end - width:end] for width, end in zip(widths, ends)]
+
+
+def _fuse(weights):
+  """[(W_i [C, E_i], b_i [E_i])] -> (W [C, E], b [E]), E = sum E_i."""
+  return (jnp.concatenate([w for w, _ in weights], axis=1),
+          jnp.concatenate([b for _, b in weights]))
+
+
+def normalized_projection(x, scale, offset, weights) -> list[jax.Array]:
+  """byte_array.normalized_projection with the projections fused in one.
+
+  A dense array takes one LayerNorm and one [C, E] matmul; a factored one the
+  hand-written gradient of `_factored_projection`.
+  """
+  w, b = _fuse(weights)
+  widths = tuple(w_i.shape[1] for w_i, _ in weights)
+  if not isinstance(x, byte_array.FactoredByteArray):
+    out = linear(layer_norm(x, scale, offset), w, b)  # [B, M, E]
+    return _column_blocks(out, widths)
+  mean, inv = byte_array.layer_norm_statistics(x)  # [B, M] each
+  return list(_factored_projection(
+      widths, x.raw, x.pos.astype(x.raw.dtype), mean, inv,
+      scale[:, None] * w, offset @ w + b))  # [B, M, E_i] each
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _factored_projection(widths, raw, pos, mean, inv, w_scaled, const):
+  """inv * (raw W'_raw + pos W'_pos - mean sum_c W'_c) + const, in blocks.
+
+  raw [B, M, c], pos [M, p], mean and inv [B, M] (the LayerNorm statistics),
+  w_scaled [c + p, E] (W' = scale * W), const [E] (offset W + b); returns the
+  [B, M, E_i] column blocks of the result for E_i in `widths`, each computed
+  on its own so that no block is copied out of a fused array.
+
+  The gradient is autodiff's, arranged for XLA:CPU: the weight gradients read
+  each block's cotangent in two passes ([raw^T; -mean^T] times it, and its
+  sum over the batch times pos), where autodiff's layout transposes it
+  several times and contracts B M rows in the slow generic kernel. The
+  cotangents of the inputs are computed only if used (XLA drops them
+  otherwise, as for a byte array of data).
+  """
+  c = raw.shape[-1]
+  blocks = []
+  for w_i, const_i in zip(_column_blocks(w_scaled, widths),
+                          _column_blocks(const, widths)):
+    inner = (jnp.einsum('bmc,ce->bme', raw, w_i[:c])
+             - mean[..., None] * w_i.sum(0))  # [B, M, E_i]
+    blocks.append(add_shared(
+        inv[..., None] * add_shared(inner, pos @ w_i[c:]), const_i))
+  return tuple(blocks)
+
+
+def _factored_projection_fwd(widths, raw, pos, mean, inv, w_scaled, const):
+  out = _factored_projection(widths, raw, pos, mean, inv, w_scaled, const)
+  return out, (raw, pos, mean, inv, w_scaled, jnp.zeros((0,) + const.shape,
+                                                        const.dtype))
+
+
+def _factored_projection_bwd(widths, residuals, gs):
+  raw, pos, mean, inv, w_scaled, const_carrier = residuals
+  b, m, c = raw.shape
+  # [raw^T; -mean^T] as one materialised [c + 1, BM] operand: one plain
+  # product per block reads its cotangent once for the raw rows and the mean.
+  lhs = jax.lax.optimization_barrier(jnp.concatenate(
+      [raw.reshape(b * m, c), -mean.reshape(b * m, 1)], axis=1).T)
+  d_w, d_const = [], []
+  d_raw, d_pos, d_mean, d_inv = 0.0, 0.0, 0.0, 0.0
+  for g, w_i in zip(gs, _column_blocks(w_scaled, widths)):
+    e = g.shape[-1]
+    g_inv = inv[..., None].astype(g.dtype) * g  # [B, M, E_i]
+    g_pos = _sum_leading(g_inv, (m, e))  # [M, E_i]
+    d_rows = lhs.astype(g.dtype) @ g_inv.reshape(b * m, e)  # [c + 1, E_i]
+    d_w.append(jnp.concatenate([d_rows[:c], pos.T.astype(g.dtype) @ g_pos],
+                               axis=0) + d_rows[c])  # [c + p, E_i]
+    d_const.append(_sum_leading(g, (e,)))  # [E_i]
+    # Cotangents of the inputs and statistics (dropped by XLA when unused).
+    w_sum = w_i.sum(0)  # [E_i]
+    inner = (jnp.einsum('bmc,ce->bme', raw, w_i[:c])
+             - mean[..., None] * w_sum + pos @ w_i[c:])  # [B, M, E_i]
+    d_raw += jnp.einsum('bme,ce->bmc', g_inv, w_i[:c])
+    d_pos += g_pos @ w_i[c:].T  # [M, p]
+    d_mean -= g_inv @ w_sum  # [B, M]
+    d_inv += jnp.sum(g * inner, axis=-1)  # [B, M]
+  return (d_raw.astype(raw.dtype), d_pos.astype(pos.dtype),
+          d_mean.astype(mean.dtype), d_inv.astype(inv.dtype),
+          jnp.concatenate(d_w, axis=1).astype(w_scaled.dtype),
+          jnp.concatenate(d_const).astype(const_carrier.dtype))
+
+
+_factored_projection.defvjp(_factored_projection_fwd, _factored_projection_bwd)
+
+
+def _softmax_weighted_sum(logits: jax.Array, v: jax.Array, spec: str
+                          ) -> tuple[jax.Array, jax.Array]:
+  """(einsum(spec, exp(logits - max), v), row sums of exp(logits - max)).
+
+  The caller divides the first by the second: softmax attention with the
+  division on the [.., V] output instead of the [.., M] weights (V << M).
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits - row_max)
+  total = unnormalised.sum(axis=-1)  # the row sums, [..., N]
+  return jnp.einsum(spec, unnormalised.astype(v.dtype), v), total
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array):
+  """attention.attend (token-major, one or more heads), normalised after the
+  weighted sum. q [B, N, H, Q], k [B, M, H, Q], v [B, M, H, V] ->
+  ([B, N, H, V], the [B, H, N, M] logits)."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum('bnhq,bmhq->bhnm', q * scale, k)  # [B, H, N, M]
+  out, total = _softmax_weighted_sum(logits, v, 'bhnm,bmhv->bnhv')
+  out = out / total.transpose(0, 2, 1)[..., None].astype(out.dtype)
+  return out, logits  # [B, N, H, V]
+
+
+def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
+                v_channels: int) -> jax.Array:
+  """The attention of a self-attention layer: [B, N, D] (after its LayerNorm)
+  -> [B, N, H * V], before the output projection.
+
+  hk.Linear parameters 'query', 'key', 'value' as the plain path's, applied
+  as one fused matmul; with equal Q/K and V widths, attention in the
+  head-major layout (canonical batched matmuls over B and H).
+  """
+  b, n, d = x.shape
+  h, qk, vc = num_heads, qk_channels, v_channels
+  w, bias = _fuse([byte_array.linear_params(name, d, width) for name, width
+                   in (('query', qk), ('key', qk), ('value', vc))])
+  qkv = linear(x, w, bias)  # [B, N, 2QK + V], one matmul
+  if qk != vc:
+    q, k, v = (y.reshape(b, n, h, -1)
+               for y in _column_blocks(qkv, (qk, qk, vc)))  # [B, N, H, *]
+    return attend(q, k, v)[0].reshape(b, n, vc)
+  q, k, v = qkv.reshape(b, n, 3, h, qk // h).transpose(2, 0, 3, 1, 4)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum('bhnq,bhmq->bhnm', q * scale, k)  # [B, H, N, M]
+  out, total = _softmax_weighted_sum(logits, v, 'bhnm,bhmv->bhnv')
+  out = out / total[..., None].astype(out.dtype)  # [B, H, N, V]
+  return out.transpose(0, 2, 1, 3).reshape(b, n, vc)  # [B, N, H * V]
