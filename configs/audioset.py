@@ -114,6 +114,7 @@ def get_config(arg=None):
       share_weights=False,  # paper: no weight sharing on AudioSet
       cross_attend_chunk_size=config_dict.placeholder(int),
       remat_latent_blocks=False,
+      cpu_kernels=True,  # perceiver/cpu_kernels.py; see configs/imagenet.py
   )
   config.mixed_precision = config_dict.placeholder(str)  # 'bf16', precision.py
   if arg.runlocal:

@@ -85,9 +85,10 @@ RESNET_SMALL = dict(blocks_per_stage=(1, 1, 1), stage_channels=(16, 32, 64),
 VIT_B = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
 VIT_SMALL = dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
 TRANSFORMER = dict(num_layers=6, num_channels=1024, num_heads=8,
-                   widening_factor=1, remat_layers=False)
+                   widening_factor=1, remat_layers=False, cpu_kernels=True)
 TRANSFORMER_SMALL = dict(num_layers=2, num_channels=64, num_heads=4,
-                         widening_factor=1, remat_layers=False)
+                         widening_factor=1, remat_layers=False,
+                         cpu_kernels=True)
 POINTNET2 = dict(num_centroids=(512, 128), radii=(0.2, 0.4),
                  num_neighbours=(32, 64),
                  mlp_channels=((64, 64, 128), (128, 128, 256)),
