@@ -198,7 +198,7 @@ def _training(config, arg):
       eps=1e-6,
       weight_decay=0.1,
       clip_grad_norm=10.0,
-  )  # lr as PAPER.md section 3 where given; the rest chosen
+  )  # lr as docs/paper.md (section 4.2) where given; the rest chosen
   config.schedule = dict(kind='cosine', warmup=1, boundaries=(),  # chosen
                          decay_factor=0.1, unit='epochs')
   config.log_every_steps = 100

@@ -2,7 +2,7 @@ r"""The baselines of the paper's tables, on the dataset configs' data and traini
 
   python -m experiments.train --config=configs/baselines.py:dataset=imagenet,model=resnet50 --workdir=/tmp/resnet50_ff
 
-Paper top-1 targeted (PAPER.md section 4), `dataset=...,model=...`:
+Paper top-1 targeted (docs/paper.md, sections 4.1 and 4.3), `dataset=...,model=...`:
   imagenet   resnet50               ResNet-50 (FF)       73.5 raw / 39.4 permuted (Tables 1, 2)
              resnet50,ff=false      ResNet-50            77.6 (Table 1)
              vit_b16                ViT-B-16 (FF)        76.7 raw / 61.7 permuted (Tables 1, 2)
@@ -53,7 +53,7 @@ Choices (the paper gives none of them):
   jitter augmentation) is not used: like every baseline here it trains with
   the dataset config's optimizer, batch and schedule.
 - Perceiver (learned pos.): 128 learned channels, init 1.0 and a single
-  cross-attend (PAPER.md section 2): num_cross_attends=1, still followed by
+  cross-attend (docs/paper.md, section 3.2): num_cross_attends=1, still followed by
   the dataset's R latent-Transformer applications (8 on ImageNet);
   everything else as the dataset's Perceiver.
 """

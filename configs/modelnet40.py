@@ -142,7 +142,7 @@ def _training(config, arg):
       eps=1e-6,
       weight_decay=0.1,
       clip_grad_norm=10.0,
-  )  # lr as PAPER.md section 3 where given; the rest chosen
+  )  # lr as docs/paper.md (section 4.3); the rest chosen
   config.schedule = dict(kind='constant', warmup=0, boundaries=(),
                          decay_factor=0.1, unit='steps')
   config.log_every_steps = 100

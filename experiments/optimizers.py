@@ -1,4 +1,4 @@
-"""LAMB with the paper's learning-rate schedules (PAPER.md section 3).
+"""LAMB with the paper's learning-rate schedules (docs/paper.md, 'Optimizer').
 
   optimizer  clip_by_global_norm(clip_grad_norm) -> LAMB(lr schedule,
              b1, b2, eps, weight_decay masked to weight matrices / latents)

@@ -12,7 +12,7 @@ self-attends to keep the latent side small. Batch 1 at every size.
 
 Paths: 'plain' (cross_attend_chunk_size=None: the [B, H, N, M] logits are
 materialised), 'chunked' (--chunk_size inputs at a time with an online
-softmax, perceiver/attention.py chunked_attend), 'plain+remat' (plain with
+softmax, perceiver/chunked_attention.py), 'plain+remat' (plain with
 remat_latent_blocks=True; its row is run at the largest size where the plain
 path runs).
 

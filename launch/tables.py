@@ -1,4 +1,4 @@
-"""The paper's Tables 1-7 as named configs (PAPER.md section 4).
+"""The paper's Tables 1-7 as named configs (docs/paper.md, sections 4 and 5).
 
 Each table has columns (e.g. 'raw' / 'permuted') and rows; each cell is a Run:
 the paper-scale config (and overrides) that reproduces the paper's number, the
