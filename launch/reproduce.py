@@ -98,9 +98,9 @@ def _stream(process: subprocess.Popen, prefix: str) -> None:
 def core_groups(jobs: int) -> list[set[int]]:
   """This process's CPU cores split into `jobs` disjoint groups.
 
-  Small CPU-scale models use two cores poorly: on 2 cores, two runs pinned to
-  one core each trained ~1,040 examples/s together against ~800 for one run
-  on both cores (configs/fashion_mnist.py's model).
+  Small CPU-scale models use several cores poorly, so runs pinned to a core
+  each train more examples per second together than one run on all cores
+  (benchmarks/RESULTS.md).
   """
   cores = sorted(os.sched_getaffinity(0))
   if jobs > len(cores):

@@ -163,7 +163,7 @@ def _frame_index(count, starts):
 
 
 def _normalise_video(frames):  # float32 in [0, 1]
-  # Explicit float32 constants: broadcasting Python tuples is ~4x slower.
+  # Explicit float32 constants: broadcasting Python tuples is much slower.
   scale = tf.constant(1. / np.array(STD), tf.float32)
   return frames * scale - tf.constant(np.array(MEAN), tf.float32) * scale
 

@@ -203,7 +203,7 @@ class AudioSet(tfds.core.GeneratorBasedBuilder):
     features = {
         'ytid': tfds.features.Text(),
         'start_seconds': np.float32,
-        # Raw bytes: the default int64 list would parse ~5x slower.
+        # Raw bytes: the default int64 list parses several times slower.
         'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16,
                                       encoding=tfds.features.Encoding.BYTES),
         # Names (the mids) are set from class_labels_indices.csv when the
