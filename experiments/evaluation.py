@@ -101,7 +101,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   dataset = setup.check_config(config)
   mesh = mesh or parallel.make_mesh()
   setup.batch_sizes(config, mesh)
-  model = steps_lib.build_model(config)
+  model = modeling.build_model(config)
   restored = restore_model(config, model, workdir, mesh, step=step)
   eval_step = steps_lib.make_eval_step(config, model, mesh)
   return dict(evaluate(config, restored, eval_step, dataset, mesh,

@@ -42,12 +42,6 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 [], steps taken.
 
 
-def build_model(config: ml_collections.ConfigDict) -> hk.TransformedWithState:
-  """The config's model, with Haiku state (BatchNorm statistics of the
-  baselines; {} for the Perceiver): see experiments/modeling.py."""
-  return modeling.build_model(config)
-
-
 def _dummy_inputs(config):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                       modeling.example_inputs(config, batch_size=1))

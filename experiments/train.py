@@ -45,7 +45,7 @@ import ml_collections
 from experiments import checkpointing
 from experiments import config_loader
 from experiments import evaluation
-from experiments import flops as flops_lib
+from experiments.tools import flops as flops_lib
 from experiments import host_memory
 from experiments import metric_writers
 from experiments import modeling
@@ -59,13 +59,6 @@ TrainState = steps_lib.TrainState
 EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR
 
 ConfigError = setup.ConfigError
-# Re-exported for callers of the runner's API.
-check_config = setup.check_config
-dataset_module = setup.dataset_module
-num_train_steps = setup.num_train_steps
-steps_per_epoch_fn = setup.steps_per_epoch_fn
-evaluate = evaluation.evaluate
-evaluate_checkpoint = evaluation.evaluate_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,11 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   request ended the run early. `dataset`: the module check_config returned
   (it is checked here if not given)."""
   if dataset is None:
-    dataset = check_config(config)
+    dataset = setup.check_config(config)
   mesh = mesh or parallel.make_mesh()
   train_batch, _ = setup.batch_sizes(config, mesh)
   setup.check_data(config, dataset)
-  total_steps = num_train_steps(config, dataset)
+  total_steps = setup.num_train_steps(config, dataset)
   with contextlib.ExitStack() as cleanup:
     lock = prepare_workdir(config, workdir,
                            allow_config_change=allow_config_change)
@@ -226,10 +219,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train(config, workdir, dataset, mesh, train_batch, total_steps,
            checkpointer, cleanup) -> dict[str, Any]:
   """train_and_evaluate from the model on."""
-  model = steps_lib.build_model(config)
+  model = modeling.build_model(config)
   optimizer, schedule = optimizers.from_config(
       config, total_steps=total_steps,
-      steps_per_epoch=steps_per_epoch_fn(config, dataset))
+      steps_per_epoch=setup.steps_per_epoch_fn(config, dataset))
   state, restored = restore_or_init(config, model, optimizer, mesh,
                                     checkpointer)
   writer = metric_writers.MetricWriter(
@@ -242,7 +235,7 @@ def _train(config, workdir, dataset, mesh, train_batch, total_steps,
   writer.write_scalars(0, facts)  # once per workdir (kept on resume)
 
   eval_step = steps_lib.make_eval_step(config, model, mesh)
-  evaluate_fn = lambda s: evaluate(config, s, eval_step, dataset, mesh)
+  evaluate_fn = lambda s: evaluation.evaluate(config, s, eval_step, dataset, mesh)
   batches = dataset.load(config.train_split, batch_size=train_batch,
                          is_training=True, seed=config.seed, start_step=start,
                          process_index=jax.process_index(),
@@ -332,7 +325,7 @@ def main(argv):
   if not workdir:
     _fail('--workdir is required.')
   try:
-    dataset = check_config(config)
+    dataset = setup.check_config(config)
   except ConfigError as e:
     _fail(str(e))
   host_memory.configure(flags.FLAGS.host_memory)  # Before JAX starts.

@@ -31,6 +31,7 @@ import numpy as np
 
 from experiments import config_loader
 from experiments import host_memory
+from experiments import modeling
 from experiments import optimizers
 from experiments import parallel
 from experiments import steps as steps_lib
@@ -103,7 +104,7 @@ def benchmark_train_step(config: ml_collections.ConfigDict,
   mesh = mesh or parallel.make_mesh()
   batch_size = batch_size or config.batch_size
   parallel.check_batch_size(batch_size, mesh, jax.process_count())
-  model = steps_lib.build_model(config)
+  model = modeling.build_model(config)
   schedule = optimizers.make_schedule(
       lr=config.optimizer.lr, total_steps=1000,
       **dict(config.schedule.to_dict(), unit='steps'))

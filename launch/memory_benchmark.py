@@ -93,6 +93,7 @@ def run_row(m: int, batch_size: int, path: str,
             plan_only: bool = False) -> dict:
   """Compiles (and, within the budget, runs) one row; returns its figures."""
   import jax  # pylint: disable=g-import-not-at-top
+  from experiments import modeling  # pylint: disable=g-import-not-at-top
   from experiments import optimizers  # pylint: disable=g-import-not-at-top
   from experiments import parallel  # pylint: disable=g-import-not-at-top
   from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
@@ -102,7 +103,7 @@ def run_row(m: int, batch_size: int, path: str,
                        num_latents=FLAGS.num_latents,
                        latent_channels=FLAGS.latent_channels)
   mesh = parallel.make_mesh()
-  model = steps_lib.build_model(config)
+  model = modeling.build_model(config)
   schedule = optimizers.make_schedule(
       lr=config.optimizer.lr, total_steps=1000,
       **dict(config.schedule.to_dict(), unit='steps'))

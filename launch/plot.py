@@ -8,7 +8,7 @@ r"""Figures of a training workdir, written as PNGs into it.
 
 The attention figure restores the latest checkpoint with the config the run
 saved (WORKDIR/config.json); it needs a Perceiver over images (permuted
-models are drawn un-permuted, on the pixel grid). See experiments/figures.py.
+models are drawn un-permuted, on the pixel grid). See experiments/tools/figures.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from experiments import checkpointing
-from experiments import figures
+from experiments.tools import figures
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Workdir of an experiments.train run.')

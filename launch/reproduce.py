@@ -38,7 +38,7 @@ from absl import app
 from absl import flags
 
 from experiments import config_loader
-from experiments import model_summary
+from experiments.tools import model_summary
 from launch import report
 from launch import sweep
 from launch import tables as tables_lib

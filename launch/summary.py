@@ -5,7 +5,7 @@ r"""Model summary of a config: parameters, FLOPs per example, per-module split.
   python -m launch.summary --config=configs/imagenet.py --config.model.num_blocks=4
 
 FLOPs count a multiply and an add as two operations, as the paper does, and
-count every application of shared weights (experiments/flops.py). With --xla
+count every application of shared weights (experiments/tools/flops.py). With --xla
 the summary also reports XLA's cost analysis of the compiled forward pass,
 which is lower for shared cross-attends: XLA computes their identical keys and
 values once.
@@ -19,7 +19,7 @@ import sys
 from absl import app
 from absl import flags
 from experiments import config_loader
-from experiments import model_summary
+from experiments.tools import model_summary
 
 _CONFIG = config_loader.define_flag()
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')

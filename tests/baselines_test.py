@@ -15,7 +15,7 @@ import pytest
 import configs.fashion_mnist
 import configs.imagenet
 from configs import baselines
-from experiments import flops
+from experiments.tools import flops
 from experiments import modeling
 from perceiver import resnet
 from perceiver import transformer

@@ -1,5 +1,5 @@
 """`python -m experiments.train` at the edges of checkpointing, in
-subprocesses on the tiny synthetic config (experiments/testing.py): a second
+subprocesses on the tiny synthetic config (tests/testing.py): a second
 run on a locked workdir, SIGKILL then a stale lock, a damaged newest
 checkpoint, a full disk, a changed config, workdir and data mistakes. Each
 ends in one line (or a fallback) and the resumed runs end with the
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import testing
+from tests import testing
 
 TOTAL_STEPS = 24
 _PREFIX = 'experiments.train: error: '

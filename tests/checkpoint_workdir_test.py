@@ -13,8 +13,8 @@ import pytest
 
 from experiments import metric_writers
 from experiments import setup
-from experiments import testing
 from experiments.data import fashion_mnist
+from tests import testing
 
 
 def test_a_second_lock_on_one_workdir_names_the_owner(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import testing
+from tests import testing
 
 
 def test_benchmark_prints_step_time_flops_and_matmul_ratio():

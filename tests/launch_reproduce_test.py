@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from experiments import testing
 from launch import reproduce
 from launch import tables
+from tests import testing
 
 
 def _half(config):

@@ -7,8 +7,7 @@ import shlex
 import subprocess
 import sys
 
-from experiments import testing
-from launch import sweep
+from tests import testing
 
 
 def _sweep(*args, env=None, timeout=300):

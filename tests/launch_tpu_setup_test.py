@@ -4,7 +4,7 @@ import os
 import stat
 import subprocess
 
-from experiments import testing
+from tests import testing
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> "$GCLOUD_LOG"

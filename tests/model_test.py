@@ -13,7 +13,7 @@ import pytest
 
 import configs.imagenet
 import perceiver
-from experiments import flops
+from experiments.tools import flops
 from experiments import modeling
 
 SMALL = dict(num_classes=5, num_latents=8, latent_channels=16, num_blocks=3,

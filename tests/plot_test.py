@@ -1,4 +1,4 @@
-"""launch.plot and experiments/figures.py: the attention picture's grid is the
+"""launch.plot and experiments/tools/figures.py: the attention picture's grid is the
 input's grid (pixel (i, j) of the input is cell [i, j] of every map, for raw
 and permuted models alike), curves come from metrics.jsonl, and one command
 draws both PNGs for a run of the runner with the Fashion-MNIST config."""
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
-from experiments import figures
+from experiments.tools import figures
 from experiments import metric_writers
 from experiments import modeling
-from experiments import testing
 from experiments.data import synthetic
 import perceiver
+from tests import testing
 
 def _tiny_fashion_mnist_config(arg=None):
   """The Fashion-MNIST config (28x28x1 inputs), shrunk to compile in

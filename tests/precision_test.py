@@ -1,7 +1,7 @@
 """Mixed precision (experiments/precision.py, config.mixed_precision='bf16').
 
 A 30-step run of the runner's own train step on fixed synthetic batches with
-the tiny test config (experiments/testing.py), in float32 and in bf16:
+the tiny test config (tests/testing.py), in float32 and in bf16:
 - the bf16 loss stays within LOSS_RTOL (relative) of the float32 loss at
   every step;
 - parameters and optimizer state are float32 before and after;
@@ -19,7 +19,7 @@ from experiments import optimizers
 from experiments import parallel
 from experiments import precision
 from experiments import steps
-from experiments import testing
+from tests import testing
 
 NUM_STEPS = 30
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2% per op); over
@@ -57,7 +57,7 @@ def _batches(config, mesh):
 def _run(mixed_precision):
   config = _config(mixed_precision)
   mesh = parallel.make_mesh()
-  model = steps.build_model(config)
+  model = modeling.build_model(config)
   schedule = optimizers.make_schedule(
       lr=config.optimizer.lr, total_steps=NUM_STEPS,
       **dict(config.schedule.to_dict(), unit='steps'))

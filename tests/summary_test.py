@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import model_summary as summary
+from experiments.tools import model_summary as summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {

@@ -13,11 +13,12 @@ import pytest
 from experiments import losses
 from experiments import metrics
 from experiments import mixing
+from experiments import modeling
 from experiments import optimizers
 from experiments import parallel
 from experiments import steps
-from experiments import testing
 from experiments.data import synthetic
+from tests import testing
 
 # ------------------------------------------------------------ schedules ----
 
@@ -55,7 +56,7 @@ def test_constant_schedule_and_epoch_rounding():
 
 def test_weight_decay_skips_biases_and_layer_norms():
   params, _ = jax.eval_shape(
-      lambda: steps.build_model(testing.get_config()).init(
+      lambda: modeling.build_model(testing.get_config()).init(
           jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), is_training=True))
   mask = optimizers.weight_decay_mask(params)
   decayed = {f'{m}/{n}' for m, d in mask.items() for n, v in d.items() if v}
@@ -264,7 +265,7 @@ def test_batch_size_that_does_not_divide_is_an_error():
 def test_eval_step_averages_clips_and_reports_map_inputs():
   config = testing.get_config('multi_label')
   mesh = parallel.make_mesh()
-  model = steps.build_model(config)
+  model = modeling.build_model(config)
   params, state = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
                              is_training=True)
   batch = next(synthetic.load(
@@ -291,11 +292,11 @@ CONFIGS = ['imagenet', 'audioset', 'modelnet40', 'fashion_mnist']
 @pytest.mark.parametrize('name', CONFIGS)
 def test_configs_have_training_sections_and_valid_sweeps(name):
   import importlib  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import setup  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'configs.{name}')
   for arg in ('', 'runlocal', 'runlocal,synthetic'):
     config = module.get_config(arg)
-    train.check_config(config)  # durations, data dirs, dataset module
+    setup.check_config(config)  # durations, data dirs, dataset module
     assert config.loss in losses.LOSSES
     assert config.schedule.kind in optimizers.SCHEDULE_KINDS
   sweeps = [getattr(module, n) for n in dir(module) if n.startswith('sweep_')]
@@ -322,19 +323,19 @@ def test_paper_optimizer_settings():
 
 
 def test_durations_in_epochs_use_the_dataset_size():
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import setup  # pylint: disable=g-import-not-at-top
   config = testing.get_config()
   config.num_train_steps = None
   config.num_epochs = 2.5  # 64 training examples at batch 16: 4 steps/epoch
-  assert train.num_train_steps(config, synthetic) == 10
+  assert setup.num_train_steps(config, synthetic) == 10
   config.schedule.update(kind='piecewise', boundaries=(1, 2), unit='epochs',
                          warmup=0)
   _, schedule = optimizers.from_config(
       config, total_steps=10,
-      steps_per_epoch=train.steps_per_epoch_fn(config, synthetic))
+      steps_per_epoch=setup.steps_per_epoch_fn(config, synthetic))
   lr = config.optimizer.lr
   assert [float(schedule(s)) for s in (3, 4, 7, 8)] == pytest.approx(
       [lr, lr * 0.1, lr * 0.1, lr * 0.01])
   config.num_train_steps = 10
-  with pytest.raises(train.ConfigError, match='exactly one of'):
-    train.check_config(config)
+  with pytest.raises(setup.ConfigError, match='exactly one of'):
+    setup.check_config(config)

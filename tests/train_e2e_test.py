@@ -1,5 +1,5 @@
 """End to end: `python -m experiments.train` in subprocesses on the tiny
-synthetic config (experiments/testing.py), on 1 and 8 fake CPU devices, two
+synthetic config (tests/testing.py), on 1 and 8 fake CPU devices, two
 processes of 2 fake devices each joined by jax.distributed, interrupted by SIGTERM and resumed.
 
 One uninterrupted 1-device run (the module fixture `reference`) is the yardstick
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import testing
+from tests import testing
 
 TOTAL_STEPS = 24
 
@@ -264,13 +264,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
 
 
 def test_evaluate_checkpoint_reproduces_the_final_metrics(reference):
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  result = train.evaluate_checkpoint(testing.get_config(), reference)
+  from experiments import evaluation  # pylint: disable=g-import-not-at-top
+  result = evaluation.evaluate_checkpoint(testing.get_config(), reference)
   with open(os.path.join(reference, 'final_metrics.json')) as f:
     final = json.load(f)
   assert result['step'] == final['step'] == TOTAL_STEPS
   for key in ('top1', 'top5', 'num_examples'):
     assert result[key] == final[key], key
   assert result['loss'] == pytest.approx(final['loss'], abs=1e-5)
-  at_8 = train.evaluate_checkpoint(testing.get_config(), reference, step=8)
+  at_8 = evaluation.evaluate_checkpoint(testing.get_config(), reference, step=8)
   assert at_8['step'] == 8 and at_8['num_examples'] == 20

@@ -1,7 +1,7 @@
 """Model summary: parameters, FLOPs per example and their split by module.
 
 FLOPs count a multiply and an add as two operations and every application of
-shared weights, as the paper does (experiments/flops.py); `xla=True` adds
+shared weights, as the paper does (experiments/tools/flops.py); `xla=True` adds
 XLA's cost analysis of the compiled forward pass, lower for shared
 cross-attends, whose identical keys and values XLA computes once.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 
-from experiments import flops as flops_lib
+from experiments.tools import flops as flops_lib
 from experiments import modeling
 
 

@@ -3,7 +3,7 @@ r"""Support for tests of the runner: a tiny synthetic config and helpers to run
 
 The config here is a test fixture, not an experiment:
 
-  python -m experiments.train --config=experiments/testing.py --workdir=/tmp/t
+  python -m experiments.train --config=tests/testing.py --workdir=/tmp/t
 
 Shapes: a Perceiver over 8x8x1 made-up images (8 latents x 16 channels, one
 block of one self-attention), 4 classes; global batch 16, so it divides over
@@ -25,7 +25,7 @@ import numpy as np
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_PATH = os.path.join(ROOT, 'experiments', 'testing.py')
+CONFIG_PATH = os.path.join(ROOT, 'tests', 'testing.py')
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

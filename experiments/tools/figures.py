@@ -41,7 +41,6 @@ from experiments import metric_writers
 from experiments import modeling
 from experiments import parallel
 from experiments import setup
-from experiments import steps as steps_lib
 import perceiver
 
 CURVES_NAME = 'curves.png'
@@ -245,7 +244,7 @@ def restore(config, workdir: str) -> tuple[Any, evaluation.Restored]:
       p.name.isdigit() for p in directory.iterdir()):
     raise FigureError(f'no checkpoint in {directory}: train first (or wait '
                       'for the first checkpoint_every_steps).')
-  model = steps_lib.build_model(config)
+  model = modeling.build_model(config)
   try:
     restored = evaluation.restore_model(config, model, os.fspath(workdir),
                                         parallel.make_mesh())
