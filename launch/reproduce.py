@@ -207,6 +207,14 @@ def markdown(table: tables_lib.Table, rows, facts, results, scale: str,
   return text + (f'\n\n{table.note}' if table.note else '')
 
 
+def _read_scores(path: str) -> dict[str, Optional[float]]:
+  """Scores saved by an earlier invocation ({} when there are none)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def config_key(run: tables_lib.Run, scale: str, overrides=()) -> str:
   """The fully resolved config a cell trains and evaluates, as text: two
   cells with the same key (e.g. Table 1's and Table 2's raw Perceiver) are
@@ -272,10 +280,7 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
 
   os.makedirs(root, exist_ok=True)
   results_path = os.path.join(root, 'results.json')
-  results = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results = _read_scores(results_path)
   start = time.time()
   keys = {}
   if shared is not None:
@@ -322,10 +327,7 @@ def reproduce_all(*, scale: str, workdir: Optional[str], overrides=(),
   root = workdir or f'workdirs/report_{scale}'
   os.makedirs(root, exist_ok=True)
   shared_path = os.path.join(root, 'shared_results.json')
-  shared = {}
-  if os.path.exists(shared_path):
-    with open(shared_path) as f:
-      shared = json.load(f)
+  shared = _read_scores(shared_path)
   start = time.time()
   sections, results, missing = [], {}, []
   for number in sorted(tables_lib.TABLES):

@@ -15,25 +15,11 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from tests import testing
 
 TOTAL_STEPS = 24
 _PREFIX = 'experiments.train: error: '
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('jax_cache'))
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory, cache_dir):
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  result = testing.run_train(workdir, cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
 
 
 def _assert_identical_params(workdir, reference):

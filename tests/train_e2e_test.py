@@ -2,7 +2,7 @@
 synthetic config (tests/testing.py), on 1 and 8 fake CPU devices, two
 processes of 2 fake devices each joined by jax.distributed, interrupted by SIGTERM and resumed.
 
-One uninterrupted 1-device run (the module fixture `reference`) is the yardstick
+One uninterrupted 1-device run (the fixture `reference`, tests/conftest.py) is the yardstick
 the other runs must reproduce. A shared JAX compilation cache keeps the
 repeated compiles cheap.
 """
@@ -21,19 +21,6 @@ import pytest
 from tests import testing
 
 TOTAL_STEPS = 24
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('jax_cache'))
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory, cache_dir):
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  result = testing.run_train(workdir, cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
 
 
 def _assert_same_params(workdir, reference, *, atol):
