@@ -306,7 +306,8 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
   references = reference_scores(table) if scale == 'local' else None
   text = markdown(table, selected, facts, results, scale, references)
   if scale == 'local':
-    text += '\n\n' + report.reading(number, results, references).line()
+    text += '\n\n' + '\n'.join(
+        r.line() for r in report.readings(number, results, references))
     report.figure(table, selected, results,
                   os.path.join(root, f'table_{number}.png'), cell_name)
   text += (f'\n\nTrained and evaluated in {elapsed / 60:.1f} min '

@@ -95,21 +95,32 @@ def test_readings_decide_from_the_scores():
             'perceiver_raw': 86.5, 'perceiver_permuted': 86.2,
             'perceiver_learned_pos_raw': 84.0,
             'perceiver_learned_pos_permuted': 84.1}
-  reading = report.reading(2, table2)
+  reading, = report.readings(2, table2)
   assert reading.holds is True
   assert 'resnet50_ff -4.0' in reading.line() and '**holds**' in reading.line()
   # One point too few for the ViT, or an invariant model off by 0.6: no.
-  assert report.reading(2, {**table2, 'vit_b16_ff_permuted': 83.0}).holds is False
-  assert report.reading(2, {**table2, 'perceiver_permuted': 85.9}).holds is False
-  assert report.reading(2, {**table2, 'vit_b16_ff_raw': None}).holds is None
+  assert report.readings(
+      2, {**table2, 'vit_b16_ff_permuted': 83.0})[0].holds is False
+  assert report.readings(
+      2, {**table2, 'perceiver_permuted': 85.9})[0].holds is False
+  assert report.readings(
+      2, {**table2, 'vit_b16_ff_raw': None})[0].holds is None
   table7 = {'no_sharing_valid': 80.0, 'no_sharing_train': 90.0,
             'sharing_valid': 82.0, 'sharing_train': 85.0}
-  assert report.reading(7, table7).holds is True
-  assert report.reading(7, {**table7, 'sharing_train': 93.0}).holds is False
-  assert report.reading(3, {'raw_audio': 40.0, 'mel_audio': 45.0},
-                        {'prior': 20.0}).holds is True
-  assert report.reading(3, {'raw_audio': 15.0, 'mel_audio': 45.0},
-                        {'prior': 20.0}).holds is False
+  assert report.readings(7, table7)[0].holds is True
+  assert report.readings(
+      7, {**table7, 'sharing_train': 93.0})[0].holds is False
+  learn, equal = report.readings(3, {'raw_audio': 40.0, 'mel_audio': 45.0},
+                                 {'prior': 20.0})
+  assert learn.holds is True and equal.holds is False
+  assert 'raw - mel -5.0 points' in equal.line()
+  learn, equal = report.readings(3, {'raw_audio': 15.0, 'mel_audio': 16.0},
+                                 {'prior': 20.0})
+  assert learn.holds is False and equal.holds is True
+  generic, pointnet = report.readings(
+      4, {'perceiver_top1': 50.0, 'resnet50_ff_top1': 40.0,
+          'pointnet2_top1': 30.0})
+  assert generic.holds is True and pointnet.holds is False
 
 
 def test_figure_is_a_png_with_both_panels(tmp_path):
