@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-exec .venv/bin/python -m pytest -q tests "$@"
+# One worker per core (override with PYTEST_WORKERS); each test file runs
+# whole on one worker, so module fixtures are built once.
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-$(nproc)}" \
+    --dist loadfile tests "$@"

@@ -248,4 +248,4 @@ def test_prepare_cli_errors_are_one_line(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       "experiments.data.prepare: error: Unknown dataset 'nope'; known: "
-      "['drums'].")
+      "['drums', 'kicad'].")
