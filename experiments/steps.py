@@ -106,7 +106,7 @@ def make_train_step(config, model, optimizer, mesh):
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)  # optax.global_norm is deprecated
     bad = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     sums = {'loss': sums['loss'] + loss,
             'grad_norm': sums['grad_norm'] + grad_norm,
