@@ -1,32 +1,51 @@
-r"""Workload W1 on the HuggingFace `transformers` Perceiver (PyTorch, CPU): the
-peer that `python -m launch.benchmark --workload=W1` is compared against.
+r"""Workloads W1 and W2 on the HuggingFace `transformers` Perceiver (PyTorch,
+CPU): the peer that `python -m launch.benchmark --workload=W1` (and W2) is
+compared against.
 
 Not part of the project's requirements: run it in its own environment,
-  python3 -m venv /tmp/torchvenv
-  /tmp/torchvenv/bin/pip install torch==2.13.0 transformers
-  /tmp/torchvenv/bin/python benchmarks/hf_perceiver_w1.py
+  bash benchmarks/setup_torch.sh              # -> .venv-torch
+  .venv-torch/bin/python benchmarks/hf_perceiver_w1.py            # W1
+  .venv-torch/bin/python benchmarks/hf_perceiver_w1.py \
+      --side=128 --batch_size=4 --forward --json    # W2 at M = 16,384
+The side-by-side comparison on equal terms, both malloc policies, is
+`python -m benchmarks.compare_pytorch` (run from the project's venv).
 
 The model is HF's PerceiverModel (pixel preprocessor with 32 Fourier bands per
-axis, max resolution 64, concatenated: C = 133) with its encoder's
-cross-attend rebuilt to W1's shape (1 head, Q/K/V width C, MLP widening 1),
-4 self-attention layers of 8 heads and width 512 in 2 shared blocks, MLP
-widening 1, then the mean over the 256 latents and a linear layer to 1,000
-classes. One train step = forward, softmax cross-entropy, backward, one Adam
-update, float32. Prints the parameter count and the step time.
+axis, max resolution S = the image side, concatenated: C = 133) with its
+encoder's cross-attend rebuilt to W1's shape (1 head, Q/K/V width C, MLP
+widening 1), 4 self-attention layers of 8 heads and width 512 in 2 shared
+blocks, MLP widening 1, then the mean over the 256 latents and a linear layer
+to 1,000 classes: 7,656,115 parameters at every S, as configs/w1.py. W1 is
+batch 16 at S = 64; W2 batch 4 at S = 32 .. 256.
+
+One train step = forward, softmax cross-entropy, backward, one Adam update,
+float32. With --forward, first the forward pass alone (logits, no autograd,
+eval mode: the model has no dropout, so the same numbers) is timed, then the
+train step. Each call is timed on its own (CPU tensors: a call has finished
+when it returns) after --warmup calls. Prints the parameter count and the
+median times; with --json instead one line of JSON with every call's time and
+the process's peak resident memory (VmHWM) after the forward phase and at the
+end, for benchmarks/compare_pytorch.py.
 """
 
 import argparse
+import json
+import os
 import statistics
 import time
 
 import torch
+import transformers
 from transformers import PerceiverConfig
 from transformers.models.perceiver import modeling_perceiver as hf
 
+GIB = 2.0 ** 30
+
 
 class W1(torch.nn.Module):
+  """W1's model over [B, 3, side, side] images; logits [B, 1000]."""
 
-  def __init__(self):
+  def __init__(self, side=64):
     super().__init__()
     config = PerceiverConfig(
         num_latents=256, d_latents=512, d_model=133, num_blocks=2,
@@ -37,7 +56,7 @@ class W1(torch.nn.Module):
         config, prep_type='pixels', spatial_downsample=1,
         position_encoding_type='fourier', concat_or_add_pos='concat',
         fourier_position_encoding_kwargs=dict(
-            num_bands=32, max_resolution=(64, 64), concat_pos=True,
+            num_bands=32, max_resolution=(side, side), concat_pos=True,
             sine_only=False))
     self.perceiver = hf.PerceiverModel(config, input_preprocessor=pre)
     # W1's cross-attend: 1 head, Q/K/V width = C = 133.
@@ -51,19 +70,51 @@ class W1(torch.nn.Module):
     return self.head(latents.mean(dim=1))  # [B, K]
 
 
+def peak_rss_gib():
+  """The process's peak resident memory so far (VmHWM), GiB."""
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) * 1024 / GIB
+  return float('nan')
+
+
+def time_calls(fn, iterations, warmup):
+  """Seconds of each of `iterations` calls of fn, after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iterations):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--iterations', type=int, default=5)
-  parser.add_argument('--threads', type=int, default=0)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--threads', type=int, default=0,
+                      help='torch intra-op threads (0: torch\'s default)')
+  parser.add_argument('--side', type=int, default=64,
+                      help='image side S (M = S * S); W1: 64')
+  parser.add_argument('--batch_size', type=int, default=16,
+                      help='batch; W1: 16, W2: 4')
+  parser.add_argument('--forward', action='store_true',
+                      help='also time the forward pass alone (first)')
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON line instead of text')
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  model = W1()
+  model = W1(args.side)
   params = sum(p.numel() for p in model.parameters())
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-  images = torch.randn(16, 3, 64, 64)  # channels first, as HF expects
-  labels = torch.randint(0, 1000, (16,))
+  b, s = args.batch_size, args.side
+  images = torch.randn(b, 3, s, s)  # channels first, as HF expects
+  labels = torch.randint(0, 1000, (b,))
 
   def step():
     optimizer.zero_grad(set_to_none=True)
@@ -72,16 +123,34 @@ def main():
     optimizer.step()
     return loss.item()
 
-  step()  # warm-up
-  times = []
-  for _ in range(args.iterations):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
+  def forward():
+    with torch.no_grad():
+      return model(images)
+
+  result = {'impl': 'torch', 'params': params, 'batch': b, 'side': s,
+            'm': s * s, 'threads': torch.get_num_threads(),
+            'versions': f'torch {torch.__version__}, transformers '
+                        f'{transformers.__version__}',
+            'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
+  if args.forward:
+    model.eval()
+    result['forward_s'] = time_calls(forward, args.iterations, args.warmup)
+    result['rss_forward_gib'] = peak_rss_gib()
+    model.train()
+  result['train_s'] = time_calls(step, args.iterations, args.warmup)
+  result['rss_peak_gib'] = peak_rss_gib()
+  if args.json:
+    print(json.dumps(result), flush=True)
+    return
   print(f'HF transformers Perceiver (torch {torch.__version__}, '
-        f'{torch.get_num_threads()} threads), W1: {params:,} parameters')
-  print(f'train step: median {statistics.median(times):.3f} s, '
-        f'min {min(times):.3f} s over {args.iterations} steps')
+        f'{torch.get_num_threads()} threads), batch {b} of {s}x{s} images: '
+        f'{params:,} parameters')
+  for name in ('forward', 'train'):
+    times = result.get(f'{name}_s')
+    if times:
+      label = 'train step' if name == 'train' else 'forward'
+      print(f'{label}: median {statistics.median(times):.3f} s, '
+            f'min {min(times):.3f} s over {args.iterations} calls')
 
 
 if __name__ == '__main__':

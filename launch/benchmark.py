@@ -3,6 +3,7 @@ r"""Train-step speed of a config next to a plain matmul on the same devices.
   python -m launch.benchmark --config=configs/fashion_mnist.py [--batch_size=B]
   python -m launch.benchmark --workload=NAME      # a registered preset
   python -m launch.benchmark --workload=W1 --cpu_kernels=false  # plain autodiff
+  python -m launch.benchmark --workload=W2:side=128  # a preset's argument
 
 Prints the train-step time, examples/s, FLOPs per step (XLA's cost analysis
 of the compiled, partitioned step, times the number of devices), the achieved
@@ -13,8 +14,9 @@ config's input shape; no dataset is read. A benchmark prints figures; it is
 not a timed test.
 
 Reuse: `benchmark_train_step(config, batch_size)` and `benchmark_matmul(n)`
-return dicts; `register_workload('W1')` adds a preset (a function returning
-(config, batch_size)) that `--workload=W1` runs.
+return dicts; `register_workload('W1')` adds a preset (a function of the
+preset's argument, the text after ':' in `--workload=NAME:ARG` or None,
+returning (config, batch_size)) that `--workload=W1` runs.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ from experiments import optimizers
 from experiments import parallel
 from experiments import steps as steps_lib
 
-WORKLOADS: dict[str, Callable[[], tuple[ml_collections.ConfigDict, int]]] = {}
+WORKLOADS: dict[str, Callable[[Optional[str]],
+                               tuple[ml_collections.ConfigDict, int]]] = {}
 
 
 def register_workload(name: str):
-  """Decorator: `@register_workload('W1') def w1(): return config, batch`."""
+  """Decorator: `@register_workload('W1') def w1(arg): return config, batch`.
+
+  `arg` is the text after ':' in `--workload=W1:ARG`, None without one.
+  """
   def register(fn):
     WORKLOADS[name] = fn
     return fn
@@ -181,17 +187,44 @@ def report(name: str, train: dict[str, float], matmul: dict[str, float],
 
 
 @register_workload('W1')
-def _w1():
-  """Issue 6's workload W1 (configs/w1.py)."""
+def _w1(arg: Optional[str] = None):
+  """Issue 6's workload W1 (configs/w1.py); it takes no argument."""
+  from configs import common  # pylint: disable=g-import-not-at-top
   from configs import w1  # pylint: disable=g-import-not-at-top
+  common.parse_arg(arg)  # any key is an error
   return w1.get_config(), w1.BATCH_SIZE
+
+
+@register_workload('W2')
+def _w2(arg: Optional[str] = None):
+  """W2 at one image side S: `--workload=W2:side=S` (configs/w1.py: W1's
+  model at batch 4 over S x S images, M = S^2; the issue's sides are
+  w1.W2_SIDES)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from configs import w1  # pylint: disable=g-import-not-at-top
+  side = common.parse_arg(arg, side=0).side
+  if side <= 0:
+    raise ValueError('W2 needs an image side: --workload=W2:side=S, S in '
+                     f'{w1.W2_SIDES}.')
+  config = w1.get_config(f'side={side},batch_size={w1.W2_BATCH_SIZE}')
+  return config, w1.W2_BATCH_SIZE
+
+
+def workload(spec: str) -> tuple[ml_collections.ConfigDict, int]:
+  """(config, batch_size) of a `--workload` value, 'NAME' or 'NAME:ARG'."""
+  name, _, arg = spec.partition(':')
+  if name not in WORKLOADS:
+    raise ValueError(f'Unknown --workload={spec}; known: {sorted(WORKLOADS)}.')
+  return WORKLOADS[name](arg or None)
 
 
 def define_flags() -> None:
   """Flags of the command line (defined only when run as the program)."""
   config_loader.define_flag()
   flags.DEFINE_string('workload', None,
-                      'A registered preset instead of --config.')
+                      'A registered preset instead of --config: NAME or '
+                      f'NAME:ARG ({", ".join(sorted(WORKLOADS))}; '
+                      'W2:side=S).')
   flags.DEFINE_integer('batch_size', None,
                        'Global batch (default config.batch_size).')
   flags.DEFINE_integer('iterations', 10, 'Timed steps per round.')
@@ -211,10 +244,10 @@ def main(argv):
   f = flags.FLAGS
   retained = host_memory.configure(f.host_memory)  # Before JAX starts.
   if f.workload:
-    if f.workload not in WORKLOADS:
-      raise app.UsageError(f'Unknown --workload={f.workload}; known: '
-                           f'{sorted(WORKLOADS)}.')
-    config, batch_size = WORKLOADS[f.workload]()
+    try:
+      config, batch_size = workload(f.workload)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     name = f.workload
   elif f.config is not None:
     config, batch_size = f.config, f.batch_size
