@@ -163,11 +163,12 @@ def num_train_steps(config, dataset) -> int:
 
 CONFIG_NAME = 'config.json'
 LOCK_NAME = 'run.lock'
-# Fields a resumed run may change: how long it runs and how often it logs,
-# evaluates and saves.
+# Fields a resumed run may change: how long it runs, how often it logs,
+# evaluates and saves, and what it evaluates on (a finished run resumed to
+# score another split, e.g. Table 7's train column).
 RESUMABLE_FIELDS = ('num_train_steps', 'num_epochs', 'log_every_steps',
                     'eval_every_steps', 'checkpoint_every_steps',
-                    'keep_checkpoints')
+                    'keep_checkpoints', 'eval_split', 'eval_batch_size')
 
 
 def check_workdir(workdir: str) -> None:

@@ -228,16 +228,16 @@ def config_key(run: tables_lib.Run, scale: str, overrides=()) -> str:
   return json.dumps(loaded.to_dict(), sort_keys=True, default=str)
 
 
-def reproduce(number: int, *, scale: str, workdir: Optional[str],
-              rows: Optional[Sequence[str]] = None, overrides=(),
-              jobs: int = 1, dry_run: bool = False, tpu=None, zone=None,
-              project=None, remote_dir: str = '~/perceiver',
-              shared: Optional[dict[str, float]] = None) -> Reproduction:
-  """Trains (or lists) a table's runs; returns the table and the scores.
+@dataclasses.dataclass
+class Cell:
+  """One cell to train: its name in the table, workdir and Run."""
+  name: str
+  workdir: str
+  run: tables_lib.Run
 
-  `shared`: scores of experiments already run for other tables, by
-  `config_key`; a cell found there is not trained again, and the cells
-  scored here are added to it."""
+
+def _select(number: int, rows: Optional[Sequence[str]]):
+  """(table, its selected rows); unknown tables or rows are errors."""
   if number not in tables_lib.TABLES:
     raise ValueError(f'--table must be one of {sorted(tables_lib.TABLES)}.')
   table = tables_lib.TABLES[number]
@@ -246,63 +246,53 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
     unknown = sorted(set(rows) - set(known))
     if unknown:
       raise ValueError(f'Table {number} has no rows {unknown}; rows: {known}.')
-  selected = [r for r in table.rows if not rows or r.name in rows]
-  facts = {}
-  for row in selected:
-    run = next((r for r in row.runs if r is not None), None)
-    if run is not None:
-      facts[row.name] = model_facts(run)
-  root = workdir or f'workdirs/table{number}_{scale}'
+  return table, [r for r in table.rows if not rows or r.name in rows]
+
+
+def plan_cells(table: tables_lib.Table, selected, root: str, scale: str
+               ) -> list[Cell]:
+  """The cells of the selected rows that have a config at `scale`."""
   cells = []
   for row in selected:
     for column, run in zip(table.columns, row.runs):
-      if run is None:
+      if run is None or run_args(run, '', scale) is None:
         continue
-      name = cell_name(row, column)
       # A train-split evaluation reuses the trained run of the row's first
       # column: it resumes at the last step and only evaluates.
       cell_dir = os.path.join(root, cell_name(row, table.columns[0])
-                              if run.eval_split else name)
-      args = run_args(run, cell_dir, scale, overrides)
-      if args is None:
-        continue
-      if tpu:
-        command = sweep.tpu_command(args, tpu=tpu, zone=zone, project=project,
-                                    remote_dir=remote_dir)
-      else:
-        command = [sys.executable] + args
-      cells.append((name, cell_dir, command, run))
-  if dry_run:
-    text = markdown(table, selected, facts, {}, scale)
-    text += '\n\nCommands:\n' + '\n'.join(
-        shlex.join(c) for _, _, c, _ in cells)
-    return Reproduction(text, {}, [])
+                              if run.eval_split else cell_name(row, column))
+      cells.append(Cell(cell_name(row, column), cell_dir, run))
+  return cells
 
-  os.makedirs(root, exist_ok=True)
-  results_path = os.path.join(root, 'results.json')
-  results = _read_scores(results_path)
-  start = time.time()
-  keys = {}
-  if shared is not None:
-    for name, _, _, run in cells:
-      keys[name] = config_key(run, scale, overrides)
-      if name not in results and shared.get(keys[name]) is not None:
-        results[name] = shared[keys[name]]
-        print(f'[reproduce] {name}: the same experiment was run for another '
-              f'table ({results[name]:.1f})', flush=True)
-  # Cells that evaluate another cell's run wait for it: run them afterwards.
-  first = [c for c in cells if c[0] not in results and not c[3].eval_split]
-  second = [c for c in cells if c[0] not in results and c[3].eval_split]
-  for group in (first, second):
-    codes = train_cells([(n, d, c) for n, d, c, _ in group], jobs)
-    for name, cell_dir, _, run in group:
-      if codes[name] == 0:
-        results[name] = _score(sweep.read_metrics(cell_dir), run.metric)
-        if shared is not None and results[name] is not None:
-          shared[keys[name]] = results[name]
-      with open(results_path, 'w') as f:
-        json.dump(results, f, indent=2)
-  elapsed = time.time() - start
+
+def _command(cell: Cell, scale: str, overrides, *, tpu=None, zone=None,
+             project=None, remote_dir: str = '~/perceiver') -> list[str]:
+  args = run_args(cell.run, cell.workdir, scale, overrides)
+  if tpu:
+    return sweep.tpu_command(args, tpu=tpu, zone=zone, project=project,
+                             remote_dir=remote_dir)
+  return [sys.executable] + args
+
+
+def _train_and_score(cells: list[Cell], command, jobs: int, record) -> None:
+  """Trains the cells, `jobs` at a time (train-split evaluations after the
+  runs they evaluate); `command(cell)` is its command line, and
+  `record(cell, score)` is called for each once its group has finished."""
+  for group in ([c for c in cells if not c.run.eval_split],
+                [c for c in cells if c.run.eval_split]):
+    codes = train_cells([(c.name, c.workdir, command(c)) for c in group],
+                        jobs)
+    for cell in group:
+      record(cell, _score(sweep.read_metrics(cell.workdir), cell.run.metric)
+             if codes[cell.name] == 0 else None)
+
+
+def _finish(number: int, selected, root: str, scale: str, results,
+            elapsed: Optional[float], cells: list[Cell]) -> Reproduction:
+  """Renders a trained table: markdown (with references, findings and the
+  figure at local scale), written to ROOT/table_N.md."""
+  table = tables_lib.TABLES[number]
+  facts = _facts(selected)
   references = reference_scores(table) if scale == 'local' else None
   text = markdown(table, selected, facts, results, scale, references)
   if scale == 'local':
@@ -310,33 +300,152 @@ def reproduce(number: int, *, scale: str, workdir: Optional[str],
         r.line() for r in report.readings(number, results, references))
     report.figure(table, selected, results,
                   os.path.join(root, f'table_{number}.png'), cell_name)
-  text += (f'\n\nTrained and evaluated in {elapsed / 60:.1f} min '
-           f'(this invocation; set-up excluded).')
+  if elapsed is not None:  # None: trained in reproduce_all's queue
+    text += (f'\n\nTrained and evaluated in {elapsed / 60:.1f} min '
+             f'(this invocation; set-up excluded).')
   with open(os.path.join(root, f'table_{number}.md'), 'w') as f:
     f.write(text + '\n')
-  missing = [n for n, _, _, _ in cells if results.get(n) is None]
+  missing = [c.name for c in cells if results.get(c.name) is None]
   if missing:
     text += f'\n\nRuns without a result: {missing}'
   return Reproduction(text, results, missing)
 
 
+def _facts(selected) -> dict[str, dict[str, float]]:
+  facts = {}
+  for row in selected:
+    run = next((r for r in row.runs if r is not None), None)
+    if run is not None:
+      facts[row.name] = model_facts(run)
+  return facts
+
+
+def _save(path: str, scores) -> None:
+  with open(path, 'w') as f:
+    json.dump(scores, f, indent=2)
+
+
+def reproduce(number: int, *, scale: str, workdir: Optional[str],
+              rows: Optional[Sequence[str]] = None, overrides=(),
+              jobs: int = 1, dry_run: bool = False, tpu=None, zone=None,
+              project=None, remote_dir: str = '~/perceiver') -> Reproduction:
+  """Trains (or lists) a table's runs; returns the table and the scores.
+  Cells scored by an earlier invocation (ROOT/results.json) are not trained
+  again."""
+  table, selected = _select(number, rows)
+  root = workdir or f'workdirs/table{number}_{scale}'
+  cells = plan_cells(table, selected, root, scale)
+  launch = dict(tpu=tpu, zone=zone, project=project, remote_dir=remote_dir)
+  if dry_run:
+    text = markdown(table, selected, _facts(selected), {}, scale)
+    text += '\n\nCommands:\n' + '\n'.join(
+        shlex.join(_command(c, scale, overrides, **launch)) for c in cells)
+    return Reproduction(text, {}, [])
+  os.makedirs(root, exist_ok=True)
+  results_path = os.path.join(root, 'results.json')
+  results = _read_scores(results_path)
+  start = time.time()
+
+  def record(cell, score):
+    results[cell.name] = score
+    _save(results_path, results)
+
+  _train_and_score([c for c in cells if c.name not in results],
+                   lambda c: _command(c, scale, overrides, **launch), jobs,
+                   record)
+  return _finish(number, selected, root, scale, results,
+                 time.time() - start, cells)
+
+
+# --table=all trains the tables' cells in one queue, in this order of tables:
+# those with the longest single runs first (the KiCad Transformer, the drums
+# Perceivers), so that the job slots stay busy until the end.
+ALL_ORDER = (4, 3, 2, 1, 6, 5, 7)
+
+
+@dataclasses.dataclass
+class _TablePlan:
+  """A table's part of `reproduce_all`: its rows, root, scores and cells."""
+  selected: list[tables_lib.Row]
+  root: str
+  results: dict[str, Optional[float]]
+  cells: list[Cell]
+
+  def save(self) -> None:
+    _save(os.path.join(self.root, 'results.json'), self.results)
+
+
 def reproduce_all(*, scale: str, workdir: Optional[str], overrides=(),
                   jobs: int = 1) -> Reproduction:
-  """Every table in turn (each in ROOT/table_N), an experiment shared by
-  several tables trained once; writes ROOT/REPORT.md with each table, its
-  figure and its finding's reading."""
+  """Every table (each in ROOT/table_N): all cells in one queue of `jobs`
+  slots, an experiment shared by several tables (the same resolved config,
+  `config_key`) trained once; writes ROOT/REPORT.md with each table, its
+  figure and its finding's reading. Cells scored by an earlier invocation
+  are not trained again (ROOT/shared_results.json: config key -> score and
+  the workdir that trained it)."""
   root = workdir or f'workdirs/report_{scale}'
   os.makedirs(root, exist_ok=True)
   shared_path = os.path.join(root, 'shared_results.json')
   shared = _read_scores(shared_path)
   start = time.time()
+  plans: dict[int, _TablePlan] = {}
+  queue = []  # config keys to train, in ALL_ORDER
+  trainer: dict[str, tuple[Cell, list]] = {}  # key -> queued cell, sharers
+  keys: dict[int, str] = {}  # id(cell) -> config_key
+  for number in ALL_ORDER:
+    table, selected = _select(number, None)
+    table_root = os.path.join(root, f'table_{number}')
+    os.makedirs(table_root, exist_ok=True)
+    plan = plans[number] = _TablePlan(
+        selected, table_root,
+        _read_scores(os.path.join(table_root, 'results.json')),
+        plan_cells(table, selected, table_root, scale))
+    trained_in = {}  # cell name -> the workdir that trains its experiment
+    for cell in plan.cells:
+      if cell.run.eval_split:  # evaluates the run that trained its row
+        first = os.path.basename(cell.workdir)
+        cell.workdir = trained_in.get(first, cell.workdir)
+      key = keys[id(cell)] = config_key(cell.run, scale, overrides)
+      if key in trainer:
+        trained_in[cell.name] = trainer[key][0].workdir
+      elif key in shared:
+        trained_in[cell.name] = shared[key]['workdir']
+      else:
+        trained_in[cell.name] = cell.workdir
+      if cell.name in plan.results:
+        continue
+      label = f'[reproduce] table {number} {cell.name}: the same experiment'
+      if shared.get(key, {}).get('score') is not None:
+        plan.results[cell.name] = shared[key]['score']
+        print(f'{label} was scored before ({shared[key]["score"]:.1f})',
+              flush=True)
+      elif key in trainer:
+        trainer[key][1].append(plan)
+        print(f'{label} as {trainer[key][0].workdir}, trained once',
+              flush=True)
+      else:
+        trainer[key] = (cell, [plan])
+        queue.append(key)
+    plan.save()
+
+  def record(cell: Cell, score: Optional[float]) -> None:
+    key = keys[id(cell)]
+    for plan in trainer[key][1]:
+      for c in plan.cells:
+        if keys.get(id(c)) == key:
+          plan.results[c.name] = score
+      plan.save()
+    if score is not None:
+      shared[key] = dict(score=score, workdir=cell.workdir)
+      _save(shared_path, shared)
+
+  _train_and_score([trainer[k][0] for k in queue],
+                   lambda c: _command(c, scale, overrides), jobs, record)
   sections, results, missing = [], {}, []
-  for number in sorted(tables_lib.TABLES):
-    result = reproduce(number, scale=scale, workdir=os.path.join(
-        root, f'table_{number}'), overrides=overrides, jobs=jobs,
-                       shared=shared)
-    with open(shared_path, 'w') as f:
-      json.dump(shared, f, indent=2)
+  for number in sorted(plans):
+    plan = plans[number]
+    result = _finish(number, plan.selected, plan.root, scale, plan.results,
+                     None, plan.cells)
     results.update({f'table_{number}/{k}': v
                     for k, v in result.results.items()})
     missing += [f'table_{number}/{n}' for n in result.missing]
@@ -348,7 +457,8 @@ def reproduce_all(*, scale: str, workdir: Optional[str], overrides=(),
           'paper with its numbers beside this run\'s, and whether its '
           'finding holds here. Written by `python -m launch.reproduce '
           f'--table=all --scale={scale}` in {elapsed / 60:.1f} min (this '
-          'invocation; runs finished earlier were not repeated).\n\n'
+          'invocation: every table\'s cells trained in one queue, '
+          f'{jobs} at a time; runs finished earlier were not repeated).\n\n'
           + '\n\n'.join(sections) + '\n')
   with open(os.path.join(root, 'REPORT.md'), 'w') as f:
     f.write(text)
