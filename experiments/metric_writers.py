@@ -2,8 +2,8 @@
 
 Only process 0 writes files (`enabled=False` elsewhere). Files in the workdir:
   metrics.jsonl      one JSON object per write: {"step": s, name: value, ...}
-  tensorboard/       TensorBoard event files (tf.summary), one scalar per name
-TensorFlow is imported only by process 0, when it opens the event file.
+  tensorboard/       a TensorBoard event file, one scalar per name, written
+                     without TensorFlow (experiments/event_file.py)
 
 A resumed run passes `resume_from=step` (the restored step, 0 for a fresh
 start): metrics.jsonl then loses the lines of later steps (and a line torn by
@@ -20,6 +20,8 @@ from typing import Mapping, Optional
 
 from absl import logging
 from etils import epath
+
+from experiments import event_file
 
 JSONL_NAME = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -49,18 +51,7 @@ class MetricWriter:
       self._keep_until(workdir / JSONL_NAME, resume_from)
     self._jsonl = (workdir / JSONL_NAME).open('a')
     if tensorboard:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      # The runner is JAX's: keep TensorFlow off any accelerator.
-      tf.config.set_visible_devices([], 'GPU')
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      # tf.summary.scalar lives in the tensorboard package, which
-      # tensorflow-cpu does not bring; tf.summary.write with the scalars
-      # plugin's metadata writes the same event.
-      self._scalar_metadata = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(
-              plugin_name='scalars')).SerializeToString()
-      self._tb = tf.summary.create_file_writer(
+      self._tb = event_file.EventFileWriter(
           os.fspath(workdir / TENSORBOARD_DIR))
 
   def _keep_until(self, path: epath.Path, step: int) -> None:
@@ -98,11 +89,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
     if self._tb is not None:
-      with self._tb.as_default():
-        for name, value in scalars.items():
-          self._tf.summary.write(
-              name, self._tf.constant(float(value), self._tf.float32),
-              step=int(step), metadata=self._scalar_metadata)
+      for name, value in scalars.items():
+        self._tb.write_scalar(name, float(value), int(step))
       self._tb.flush()
 
   def close(self) -> None:
