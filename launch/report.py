@@ -211,8 +211,11 @@ def figure(table: tables_lib.Table, rows, scores: Scores, path: str,
       ax.bar_label(bars, fmt='%.1f', fontsize=7, padding=1)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(x, labels, rotation=25, ha='right', fontsize=8)
-    ax.set_ylabel(table.title.split(',')[-1].strip() if ',' in table.title
-                  else table.title, fontsize=8)
+    paper_label = (table.title.split(',')[-1].strip() if ',' in table.title
+                   else table.title)
+    # The local panel's scores are not ImageNet's (or AudioSet's ...).
+    ax.set_ylabel(paper_label if title == 'paper' else 'this run (%)',
+                  fontsize=8)
     if len(table.columns) > 1:
       ax.legend(fontsize=8)
   fig.suptitle(f'Table {table.number}: {table.title}', fontsize=10)

@@ -39,29 +39,30 @@ class FactoredByteArray(NamedTuple):
   """The byte array concat([raw, broadcast(pos)], axis=-1), in two parts.
 
   raw: [B, M, c] per-example channels; pos: [M, p] position features, the same
-  for every example. Behaves as a [B, M, c + p] array for the Perceiver.
+  for every example. Behaves as a [B, M, c + p] array for the Perceiver. A
+  grid keeps its axes: raw [B, H, W, c] and pos [H, W, p] behave as the
+  [B, H, W, c + p] grid that the convolutional and ViT baselines read
+  (perceiver/resnet.py, vit.py).
   """
   raw: jax.Array
   pos: jax.Array
 
   @property
-  def shape(self) -> tuple[int, int, int]:
-    b, m, c = self.raw.shape
-    return (b, m, c + self.pos.shape[-1])
+  def shape(self) -> tuple[int, ...]:
+    return self.raw.shape[:-1] + (self.raw.shape[-1] + self.pos.shape[-1],)
 
   @property
   def ndim(self) -> int:
-    return 3
+    return self.raw.ndim
 
   @property
   def dtype(self):
     return self.raw.dtype
 
   def dense(self) -> jax.Array:
-    b, m, _ = self.raw.shape
     pos = jnp.broadcast_to(self.pos.astype(self.raw.dtype),
-                           (b,) + self.pos.shape)
-    return jnp.concatenate([self.raw, pos], axis=-1)  # [B, M, C]
+                           self.raw.shape[:1] + self.pos.shape)
+    return jnp.concatenate([self.raw, pos], axis=-1)  # [B, ..., C]
 
 
 def as_dense(x) -> jax.Array:

@@ -119,12 +119,11 @@ class ImagePreprocessor(hk.Module):
       patch_size: side of square patches flattened into one input (1 = pixels).
       permutation_seed: if set, apply the fixed permutation of this seed.
       flatten: return [B, M, C] (True) or keep the grid (False).
-      factored: return a FactoredByteArray (flattened only).
+      factored: return a FactoredByteArray ([B, M, c] and [M, p]; with
+        flatten=False the grid [B, H, W, c] and [H, W, p]).
       name: module name.
     """
     super().__init__(name=name)
-    if factored and not flatten:
-      raise ValueError('ImagePreprocessor: factored=True needs flatten=True.')
     self._input_channels = input_channels
     self._factored = factored
     self._patch_size = patch_size
@@ -154,7 +153,12 @@ class ImagePreprocessor(hk.Module):
         x = FactoredByteArray(x.raw[:, perm], x.pos[perm])
       else:
         x = x[:, perm]  # [B, M, C']
-    return x if self._flatten else x.reshape(b, gh, gw, -1)
+    if self._flatten:
+      return x
+    if self._factored:  # raw [B, H, W, c], pos [H, W, p]
+      return FactoredByteArray(x.raw.reshape(b, gh, gw, -1),
+                               x.pos.reshape(gh, gw, -1))
+    return x.reshape(b, gh, gw, -1)  # [B, H, W, C']
 
 
 class AudioPreprocessor(hk.Module):

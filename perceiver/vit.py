@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from perceiver import attention
+from perceiver.byte_array import FactoredByteArray
 
 _XAVIER = hk.initializers.VarianceScaling(1.0, 'fan_avg', 'uniform')
 
@@ -78,6 +79,22 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
   gh, gw = grid[0] // p, grid[1] // p
   x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, gh * gw, p * p * c)  # [B, T, P*P*C]
+
+
+def factored_patch_embedding(x: FactoredByteArray, w: jax.Array,
+                             bias: jax.Array, patch_size: int) -> jax.Array:
+  """patchify(raw ++ pos) @ w + bias without forming raw ++ pos: [B, T, D].
+
+  The embedding is linear, so w [P^G * (c + p), D] splits into the rows of
+  the raw channels and those of the position features of every patch cell;
+  the position features' share is computed once per batch.
+  """
+  c, total, d = x.raw.shape[-1], x.shape[-1], w.shape[-1]
+  w = w.reshape(-1, total, d)  # rows: (patch cell, channel)
+  raw = patchify(x.raw, patch_size)  # [B, T, P^G * c]
+  pos = patchify(x.pos.astype(x.raw.dtype)[None], patch_size)  # [1, T, .]
+  return (raw @ w[:, :c].reshape(-1, d) + pos @ w[:, c:].reshape(-1, d)
+          + bias)  # [B, T, D]
 
 
 class EncoderBlock(hk.Module):
@@ -163,13 +180,21 @@ class ViT(hk.Module):
     Returns:
       logits [B, K].
     """
-    patches = patchify(x, self._patch_size)  # [B, T-1, P^G * C]
-    b, num_patches, _ = patches.shape
     d = self._hidden_size
     # Equal to a P x P stride-P convolution; LeCun-normal as in big_vision.
-    embed = hk.Linear(d, w_init=hk.initializers.VarianceScaling(
-        1.0, 'fan_in', 'truncated_normal'), name='patch_embedding')
-    tokens = embed(patches)  # [B, T-1, D]
+    w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'truncated_normal')
+    if isinstance(x, FactoredByteArray):
+      # Named as hk.Linear(name='patch_embedding') names them.
+      cells = self._patch_size ** (x.ndim - 2)  # P^G
+      with hk.name_scope('patch_embedding'):
+        w = hk.get_parameter('w', [cells * x.shape[-1], d], x.dtype,
+                             init=w_init)
+        bias = hk.get_parameter('b', [d], x.dtype, init=jnp.zeros)
+      tokens = factored_patch_embedding(x, w, bias, self._patch_size)
+    else:
+      patches = patchify(x, self._patch_size)  # [B, T-1, P^G * C]
+      tokens = hk.Linear(d, w_init=w_init, name='patch_embedding')(patches)
+    b, num_patches, _ = tokens.shape
     cls = hk.get_parameter('class_token', [1, 1, d],
                            init=hk.initializers.RandomNormal(0.02))
     tokens = jnp.concatenate(

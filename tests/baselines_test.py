@@ -351,6 +351,42 @@ def test_perceiver_without_position_features_is_invariant_resnet_is_not():
   assert np.abs(raw - permuted).max() > 1e-2
 
 
+@pytest.mark.parametrize('arg', ['model=resnet_small',
+                                 'model=vit_small,permuted'])
+def test_factored_grid_equals_the_dense_grid(arg):
+  """A FactoredByteArray grid (the position features projected once per
+  batch by the first layer) is the dense grid's model: the same parameters,
+  the same logits and parameter gradients up to summation order."""
+  factored = _config(f'dataset=fashion_mnist,{arg}')
+  assert factored.input.factored
+  dense = _config(f'dataset=fashion_mnist,{arg}')
+  dense.input.factored = False
+  images = _uniform(2, 28, 28, 1)
+  labels = np.array([3, 7])
+  shapes = [modeling.variable_shapes(c) for c in (factored, dense)]
+  assert jax.tree.map(jnp.shape, shapes[0]) == jax.tree.map(jnp.shape,
+                                                            shapes[1])
+  params = _random_params(shapes[0][0])
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes[0][1])
+
+  def loss_and_logits(config):
+    model = modeling.build_model(config)
+
+    def loss(p):
+      logits = model.apply(p, state, None, images, is_training=True)[0]
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean(), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, logits_f), grads_f = loss_and_logits(factored)
+  (_, logits_d), grads_d = loss_and_logits(dense)
+  assert np.abs(logits_d).max() > 1e-2
+  np.testing.assert_allclose(logits_f, logits_d, rtol=1e-4, atol=1e-5)
+  for g_f, g_d in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_d)):
+    np.testing.assert_allclose(g_f, g_d, rtol=1e-3,
+                               atol=1e-5 * np.abs(g_d).max() + 1e-7)
+
+
 # --- Configs through build_model ---------------------------------------------
 
 _ALL = [(d, m) for d, models in baselines.MODELS.items() for m in models]
@@ -364,9 +400,15 @@ def test_paper_size_config_builds(dataset, model):
   # BatchNorm statistics: the ResNets and PointNet++ only.
   assert (config.model_name in ('resnet', 'pointnet2')) == bool(
       jax.tree.leaves(state))
-  # Every section other than input and model is the dataset config's own.
+  # Every section other than input and model is the dataset config's own,
+  # but the Fashion-MNIST baselines' own epochs and augmentation.
   base = importlib.import_module(f'configs.{dataset}').get_config()
   assert set(config) == set(base)
+  if dataset == 'fashion_mnist' and model in baselines.FMNIST_EPOCHS:
+    assert config.num_epochs == baselines.FMNIST_EPOCHS[model]
+    assert config.data.augment == (model in baselines.FMNIST_AUGMENT)
+    base.num_epochs = config.num_epochs
+    base.data.augment = config.data.augment
   for key in base:
     if key not in ('input_name', 'input', 'model_name', 'model'):
       assert config[key] == base[key], key

@@ -28,7 +28,8 @@ def test_dry_run_lists_one_training_command_per_cell():
       '-m experiments.train --config=configs/fashion_mnist.py '
       '--workdir=/tmp/t6/8_start_top1 --config.model.num_blocks=8 '
       '--config.model.num_cross_attends=8 '
-      '--config.model.cross_attend_arrangement=start')
+      '--config.model.cross_attend_arrangement=start '
+      '--config.num_epochs=1.0')  # the ablations' CPU budget
   # Parameters and FLOPs are the paper-size model's (Table 6: 44.9M).
   assert '| 8 at start | 73.7 | — | 44.91M | 709.9 |' in result.text
 
@@ -134,3 +135,65 @@ def test_figure_is_a_png_with_both_panels(tmp_path):
   image = matplotlib.image.imread(str(path))
   assert image.shape[0] > 300 and image.shape[1] > 600
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def _fake_training(monkeypatch):
+  """Replaces training with writing a score: returns the list of commands
+  run, in order; each 'run' scores 50 + its position in that list."""
+  commands = []
+
+  def train_cells(cells, jobs):
+    codes = {}
+    for name, workdir, command in cells:
+      commands.append(command)
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+        json.dump({'top1': (50 + len(commands)) / 100,
+                   'map': (50 + len(commands)) / 100}, f)
+      codes[name] = 0
+    return codes
+
+  monkeypatch.setattr(reproduce, 'train_cells', train_cells)
+  monkeypatch.setattr(reproduce, 'model_facts',
+                      lambda run: {'params': 1e6, 'flops': 1e9})
+  monkeypatch.setattr(reproduce, 'reference_scores',
+                      lambda table: {r.label: None for r in table.references})
+  return commands
+
+
+def _flag(command, name):
+  return next(a.split('=', 1)[1] for a in command
+              if a.startswith(f'--{name}='))
+
+
+def test_all_tables_train_each_experiment_once_in_one_queue(tmp_path,
+                                                            monkeypatch):
+  commands = _fake_training(monkeypatch)
+  root = tmp_path / 'report'
+  result = reproduce.reproduce_all(scale='local', workdir=str(root), jobs=2)
+  workdirs = [_flag(c, 'workdir') for c in commands]
+  # Only the two train-split evaluations of Table 7 reuse a workdir.
+  assert len(set(workdirs)) == len(workdirs) - 2
+  # The longest runs' table first: the first command trains a Table 4 cell.
+  assert f'{root}/table_4/' in workdirs[0]
+  # Table 2's Perceiver is also Table 1's Perceiver and Table 7's 'with
+  # sharing': trained once, one score in all three tables.
+  perceiver = str(root / 'table_2' / 'perceiver_raw')
+  assert workdirs.count(perceiver) == 2  # trained, then train-split eval
+  assert result.results['table_2/perceiver_raw'] == result.results[
+      'table_1/perceiver_top1'] == result.results['table_7/sharing_valid']
+  # Its train-split evaluation resumes that run, after every training run.
+  train_eval = [c for c in commands if '--config.eval_split=train' in c]
+  assert [_flag(c, 'workdir') for c in train_eval] == [
+      str(root / 'table_7' / 'no_sharing_valid'), perceiver]
+  assert commands.index(train_eval[0]) > max(
+      i for i, c in enumerate(commands) if c not in train_eval)
+  assert result.missing == []
+  report_text = (root / 'REPORT.md').read_text()
+  for number in range(1, 8):
+    assert f'## Table {number}' in report_text
+    assert (root / f'table_{number}' / f'table_{number}.png').exists()
+  # A second invocation trains nothing and reports the same scores.
+  del commands[:]
+  again = reproduce.reproduce_all(scale='local', workdir=str(root), jobs=2)
+  assert commands == [] and again.results == result.results
