@@ -234,6 +234,10 @@ class Cell:
   name: str
   workdir: str
   run: tables_lib.Run
+  job: str = ''  # unique name of its training job (default: name)
+
+  def __post_init__(self):
+    self.job = self.job or self.name
 
 
 def _select(number: int, rows: Optional[Sequence[str]]):
@@ -280,11 +284,11 @@ def _train_and_score(cells: list[Cell], command, jobs: int, record) -> None:
   `record(cell, score)` is called for each once its group has finished."""
   for group in ([c for c in cells if not c.run.eval_split],
                 [c for c in cells if c.run.eval_split]):
-    codes = train_cells([(c.name, c.workdir, command(c)) for c in group],
+    codes = train_cells([(c.job, c.workdir, command(c)) for c in group],
                         jobs)
     for cell in group:
       record(cell, _score(sweep.read_metrics(cell.workdir), cell.run.metric)
-             if codes[cell.name] == 0 else None)
+             if codes[cell.job] == 0 else None)
 
 
 def _finish(number: int, selected, root: str, scale: str, results,
@@ -424,6 +428,7 @@ def reproduce_all(*, scale: str, workdir: Optional[str], overrides=(),
         print(f'{label} as {trainer[key][0].workdir}, trained once',
               flush=True)
       else:
+        cell.job = f'table_{number}/{cell.name}'  # names repeat across tables
         trainer[key] = (cell, [plan])
         queue.append(key)
     plan.save()

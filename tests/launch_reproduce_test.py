@@ -143,6 +143,7 @@ def _fake_training(monkeypatch):
   commands = []
 
   def train_cells(cells, jobs):
+    assert len({name for name, _, _ in cells}) == len(cells)  # exit codes by name
     codes = {}
     for name, workdir, command in cells:
       commands.append(command)
