@@ -176,3 +176,30 @@ def test_short_text_cloud_is_named(tmp_path):
   path.write_text('0.1,0.2,0.3,0,0,1\n' * 100)
   _expect_build_error(tmp_path, ValueError, 'bed_0002.txt: 100 points',
                       variant='normal_resampled')
+
+
+def test_two_processes_building_one_new_data_dir_both_succeed(tmp_path):
+  """launch.reproduce --jobs=2 starts two runs on the same new data_dir at
+  once: one builds the TFDS dataset, the other waits for it and reads it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import testing  # pylint: disable=g-import-not-at-top
+  _write_hdf5(tmp_path / 'manual')
+  # Each build starts 4 s late, so that both processes (started together)
+  # find the dataset unprepared and race, unless one waits for the other.
+  code = ('import time; import tensorflow_datasets as tfds\n'
+          'build = tfds.core.DatasetBuilder.download_and_prepare\n'
+          'def late(self, *a, **k):\n'
+          '  time.sleep(4); return build(self, *a, **k)\n'
+          'tfds.core.DatasetBuilder.download_and_prepare = late\n'
+          'from experiments.data import modelnet40; print(modelnet40.'
+          f"num_examples('train', data_dir={str(tmp_path / 'tfds')!r}, "
+          f"manual_dir={str(tmp_path / 'manual')!r}))")
+  runs = [subprocess.Popen([sys.executable, '-c', code], cwd=testing.ROOT,
+                           env=testing.subprocess_env(), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+          for _ in range(2)]
+  outputs = [run.communicate(timeout=300) for run in runs]
+  for run, (out, err) in zip(runs, outputs):
+    assert run.returncode == 0, err[-2000:]
+    assert out.split()[-1] == '9'

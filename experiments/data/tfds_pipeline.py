@@ -26,6 +26,8 @@ that calls tf.random.set_seed gets a different (still deterministic) order.
 Evaluation. One ordered pass over the shard, padded with zero examples
 (mask False) to ceil(ceil(N/P)/B) batches on every process.
 """
+import contextlib
+import fcntl
 import math
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -56,11 +58,36 @@ def prepare(builder: tfds.core.DatasetBuilder, *, data_dir: Optional[str],
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(
         f'manual_dir {manual_dir} for {builder.name} does not exist.')
-  logging.info('Building %s in %s from %s', builder.name, where, manual_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False,
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  with _build_lock(os.fspath(where)):
+    if builder.is_prepared():  # built by another process while we waited
+      logging.info('%s was built in %s by another process.', builder.name,
+                   where)
+      builder.info.read_from_directory(builder.data_dir)
+      return builder
+    logging.info('Building %s in %s from %s', builder.name, where, manual_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
+
+
+@contextlib.contextmanager
+def _build_lock(data_path: str) -> Iterator[None]:
+  """Holds an exclusive lock beside a local dataset's directory while it is
+  built: two runs that start at once on the same new data_dir (e.g.
+  launch.reproduce --jobs=2) build it once, the second waits and reads it.
+  Remote paths (gs://) are not locked."""
+  if '://' in data_path:
+    yield
+    return
+  parent = os.path.dirname(os.path.normpath(data_path))
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.join(parent, '.build.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def process_split(split: str, process_index: int, process_count: int) -> str:
