@@ -111,6 +111,14 @@ def test_readings_decide_from_the_scores():
   assert report.readings(7, table7)[0].holds is True
   assert report.readings(
       7, {**table7, 'sharing_train': 93.0})[0].holds is False
+  # A contrast within the float-order noise of two runs is read as neither.
+  close, = report.readings(6, {'8_interleaved_top1': 80.6,
+                               '8_start_top1': 80.4})
+  assert close.holds is None and close.within_noise
+  assert '**not resolved' in close.line()
+  far, = report.readings(6, {'8_interleaved_top1': 79.6,
+                             '8_start_top1': 80.4})
+  assert far.holds is False and not far.within_noise
   learn, equal = report.readings(3, {'raw_audio': 40.0, 'mel_audio': 45.0},
                                  {'prior': 20.0})
   assert learn.holds is True and equal.holds is False
