@@ -281,14 +281,21 @@ def _command(cell: Cell, scale: str, overrides, *, tpu=None, zone=None,
 def _train_and_score(cells: list[Cell], command, jobs: int, record) -> None:
   """Trains the cells, `jobs` at a time (train-split evaluations after the
   runs they evaluate); `command(cell)` is its command line, and
-  `record(cell, score)` is called for each once its group has finished."""
+  `record(cell, score)` is called for each that finished (its score None
+  when it has none). A run that failed is not recorded: the next invocation
+  trains it again (it resumes from its last checkpoint)."""
   for group in ([c for c in cells if not c.run.eval_split],
                 [c for c in cells if c.run.eval_split]):
     codes = train_cells([(c.job, c.workdir, command(c)) for c in group],
                         jobs)
     for cell in group:
-      record(cell, _score(sweep.read_metrics(cell.workdir), cell.run.metric)
-             if codes[cell.job] == 0 else None)
+      if codes[cell.job] == 0:
+        record(cell, _score(sweep.read_metrics(cell.workdir),
+                            cell.run.metric))
+      else:
+        print(f'[reproduce] {cell.job} failed (exit status '
+              f'{codes[cell.job]}); the next invocation trains it again.',
+              flush=True)
 
 
 def _finish(number: int, selected, root: str, scale: str, results,

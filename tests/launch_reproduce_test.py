@@ -145,9 +145,10 @@ def test_figure_is_a_png_with_both_panels(tmp_path):
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def _fake_training(monkeypatch):
+def _fake_training(monkeypatch, fail=()):
   """Replaces training with writing a score: returns the list of commands
-  run, in order; each 'run' scores 50 + its position in that list."""
+  run, in order; each 'run' scores 50 + its position in that list, but the
+  jobs named in `fail` exit with status 1 and write nothing."""
   commands = []
 
   def train_cells(cells, jobs):
@@ -155,6 +156,9 @@ def _fake_training(monkeypatch):
     codes = {}
     for name, workdir, command in cells:
       commands.append(command)
+      if name in fail:
+        codes[name] = 1
+        continue
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
         json.dump({'top1': (50 + len(commands)) / 100,
@@ -206,3 +210,20 @@ def test_all_tables_train_each_experiment_once_in_one_queue(tmp_path,
   del commands[:]
   again = reproduce.reproduce_all(scale='local', workdir=str(root), jobs=2)
   assert commands == [] and again.results == result.results
+
+
+def test_a_failed_run_is_trained_again_by_the_next_invocation(tmp_path,
+                                                              monkeypatch):
+  failed = 'table_4/pointnet2_top1'
+  _fake_training(monkeypatch, fail={failed})
+  root = tmp_path / 'report'
+  first = reproduce.reproduce_all(scale='local', workdir=str(root), jobs=2)
+  assert first.missing == ['table_4/pointnet2_top1']
+  retried = _fake_training(monkeypatch)  # the next invocation's succeed
+  again = reproduce.reproduce_all(scale='local', workdir=str(root), jobs=2)
+  assert [_flag(c, 'workdir') for c in retried] == [
+      str(root / 'table_4' / 'pointnet2_top1')]
+  assert again.missing == []
+  assert again.results['table_4/pointnet2_top1'] is not None
+  assert {k: v for k, v in again.results.items() if k != failed} == {
+      k: v for k, v in first.results.items() if k != failed}
