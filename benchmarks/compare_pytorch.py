@@ -341,8 +341,6 @@ def project_worker(spec: str, mode: str, iterations: int,
   # pylint: disable=g-import-not-at-top
   import jax
   import jaxlib
-  from experiments import modeling
-  from experiments import optimizers
   from experiments import parallel
   from experiments import steps as steps_lib
   from launch import benchmark
@@ -350,12 +348,7 @@ def project_worker(spec: str, mode: str, iterations: int,
 
   config, batch_size = benchmark.workload(spec)
   mesh = parallel.make_mesh()
-  model = modeling.build_model(config)
-  schedule = optimizers.make_schedule(
-      lr=config.optimizer.lr, total_steps=1000,
-      **dict(config.schedule.to_dict(), unit='steps'))
-  optimizer = optimizers.make_optimizer(schedule=schedule,
-                                        **config.optimizer.to_dict())
+  model, optimizer = benchmark.model_and_optimizer(config)
   state = steps_lib.create_train_state(config, model, optimizer, mesh)
   sums = steps_lib.zero_metrics(mesh)
   batch = benchmark.random_batch(config, batch_size, mesh)

@@ -93,8 +93,6 @@ def run_row(m: int, batch_size: int, path: str,
             plan_only: bool = False) -> dict:
   """Compiles (and, within the budget, runs) one row; returns its figures."""
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import modeling  # pylint: disable=g-import-not-at-top
-  from experiments import optimizers  # pylint: disable=g-import-not-at-top
   from experiments import parallel  # pylint: disable=g-import-not-at-top
   from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from launch import benchmark  # pylint: disable=g-import-not-at-top
@@ -103,12 +101,7 @@ def run_row(m: int, batch_size: int, path: str,
                        num_latents=FLAGS.num_latents,
                        latent_channels=FLAGS.latent_channels)
   mesh = parallel.make_mesh()
-  model = modeling.build_model(config)
-  schedule = optimizers.make_schedule(
-      lr=config.optimizer.lr, total_steps=1000,
-      **dict(config.schedule.to_dict(), unit='steps'))
-  optimizer = optimizers.make_optimizer(schedule=schedule,
-                                        **config.optimizer.to_dict())
+  model, optimizer = benchmark.model_and_optimizer(config)
   train_step = steps_lib.make_train_step(config, model, optimizer, mesh)
   abstract = steps_lib.abstract_train_state(config, model, optimizer, mesh)
   sums = steps_lib.zero_metrics(mesh)
