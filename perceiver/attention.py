@@ -165,8 +165,11 @@ class CrossAttention(hk.Module):
 
     logits = None
     if self._chunk_size is None or self._chunk_size >= m:
-      out, logits = (kernels.attend if self._cpu_kernels else attend)(
-          q, *project(inputs))  # [B, N, H, V], [B, H, N, M]
+      if self._cpu_kernels:  # the logits computed only if asked for
+        out, logits = kernels.attend(q, *project(inputs),
+                                     return_logits=return_logits)
+      else:
+        out, logits = attend(q, *project(inputs))  # [B, N, H, V], [B, H, N, M]
     elif return_logits:
       raise ValueError('return_logits is not available with chunk_size set: '
                        'the chunked path never holds the full logits.')

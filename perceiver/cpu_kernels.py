@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from perceiver import byte_array
+from perceiver import native
 
 # Above this many elements, a sum over leading axes runs as a matmul with a
 # ones vector (see `_sum_leading`).
@@ -101,9 +102,8 @@ mul_shared.defvjp(_mul_shared_fwd, _mul_shared_bwd)
 def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """x @ w + b over the last axis of x: [..., I] -> [..., O].
 
-  The gradient is the usual one: dw = x^T g as a plain [I, T] x [T, O]
-  product with x^T materialised (the optimisation barrier keeps XLA from
-  folding the transpose back into the product), db summed as in `add_shared`.
+  The gradient is the usual one: dw = x^T g as one perceiver.native product
+  (a GEMM reading x transposed in place), db summed as in `add_shared`.
   """
   return x @ w + b
 
@@ -114,8 +114,8 @@ def _linear_fwd(x, w, b):
 
 def _linear_bwd(residuals, g):
   x, w, b_carrier = residuals
-  x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [I, T]
-  dw = x_t @ g.reshape(-1, g.shape[-1])  # [I, O]
+  dw = native.matmul(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                     transpose_a=True)  # x^T g, [I, O]
   dx = g @ w.T  # [..., I]
   db = _sum_leading(g, b_carrier.shape[1:])  # [O]
   return (dx.astype(x.dtype), dw.astype(w.dtype),
@@ -203,14 +203,18 @@ def _factored_projection(widths, raw, pos, mean, inv, w_scaled, const):
   cotangents of the inputs are computed only if used (XLA drops them
   otherwise, as for a byte array of data).
   """
-  c = raw.shape[-1]
+  b, m, c = raw.shape
   blocks = []
   for w_i, const_i in zip(_column_blocks(w_scaled, widths),
                           _column_blocks(const, widths)):
-    inner = (jnp.einsum('bmc,ce->bme', raw, w_i[:c])
-             - mean[..., None] * w_i.sum(0))  # [B, M, E_i]
+    # The two products as perceiver.native calls: XLA:CPU would fuse them
+    # into the elementwise loop below and recompute pos W'_pos per example.
+    raw_part = native.matmul(raw.reshape(b * m, c), w_i[:c]).reshape(
+        b, m, -1)  # [B, M, E_i]
+    pos_part = native.matmul(pos, w_i[c:])  # [M, E_i], once for the batch
+    inner = raw_part - mean[..., None] * w_i.sum(0)  # [B, M, E_i]
     blocks.append(add_shared(
-        inv[..., None] * add_shared(inner, pos @ w_i[c:]), const_i))
+        inv[..., None] * add_shared(inner, pos_part), const_i))
   return tuple(blocks)
 
 
@@ -223,17 +227,18 @@ def _factored_projection_fwd(widths, raw, pos, mean, inv, w_scaled, const):
 def _factored_projection_bwd(widths, residuals, gs):
   raw, pos, mean, inv, w_scaled, const_carrier = residuals
   b, m, c = raw.shape
-  # [raw^T; -mean^T] as one materialised [c + 1, BM] operand: one plain
-  # product per block reads its cotangent once for the raw rows and the mean.
-  lhs = jax.lax.optimization_barrier(jnp.concatenate(
-      [raw.reshape(b * m, c), -mean.reshape(b * m, 1)], axis=1).T)
+  # [raw, -mean] as one [BM, c + 1] operand: one product per block with it
+  # transposed reads its cotangent once for the raw rows and the mean.
+  lhs = jnp.concatenate([raw.reshape(b * m, c), -mean.reshape(b * m, 1)],
+                        axis=1)
   d_w, d_const = [], []
   d_raw, d_pos, d_mean, d_inv = 0.0, 0.0, 0.0, 0.0
   for g, w_i in zip(gs, _column_blocks(w_scaled, widths)):
     e = g.shape[-1]
     g_inv = inv[..., None].astype(g.dtype) * g  # [B, M, E_i]
     g_pos = _sum_leading(g_inv, (m, e))  # [M, E_i]
-    d_rows = lhs.astype(g.dtype) @ g_inv.reshape(b * m, e)  # [c + 1, E_i]
+    d_rows = native.matmul(lhs.astype(g.dtype), g_inv.reshape(b * m, e),
+                           transpose_a=True)  # [c + 1, E_i]
     d_w.append(jnp.concatenate([d_rows[:c], pos.T.astype(g.dtype) @ g_pos],
                                axis=0) + d_rows[c])  # [c + p, E_i]
     d_const.append(_sum_leading(g, (e,)))  # [E_i]
@@ -254,29 +259,60 @@ def _factored_projection_bwd(widths, residuals, gs):
 _factored_projection.defvjp(_factored_projection_fwd, _factored_projection_bwd)
 
 
-def _softmax_weighted_sum(logits: jax.Array, v: jax.Array, spec: str
-                          ) -> tuple[jax.Array, jax.Array]:
-  """(einsum(spec, exp(logits - max), v), row sums of exp(logits - max)).
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v over the last two axes (q already scaled), the softmax
+  in float32 or wider: q [..., N, Q], k [..., M, Q], v [..., M, V] ->
+  [..., N, V].
 
-  The caller divides the first by the second: softmax attention with the
-  division on the [.., V] output instead of the [.., M] weights (V << M).
+  Every product is a perceiver.native matmul reading its operands as stored
+  (transposed in place where the product needs it), and the softmax is
+  normalised after the weighted sum (on [.., V] rather than [.., M]). The
+  gradient is the usual one (dS = P (dP - rowsum(dO O))), written out as
+  products of the residuals as stored.
   """
+  return _softmax_attention_fwd(q, k, v)[0]
+
+
+def _softmax_attention_fwd(q, k, v):
+  logits = native.matmul(q, k, transpose_b=True)  # [.., N, M]
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  unnormalised = jnp.exp(logits - row_max)
-  total = unnormalised.sum(axis=-1)  # the row sums, [..., N]
-  return jnp.einsum(spec, unnormalised.astype(v.dtype), v), total
+  row_max = logits.max(axis=-1, keepdims=True)
+  exp = jnp.exp(logits - row_max)  # [.., N, M]
+  total = exp.sum(axis=-1, keepdims=True)  # [.., N, 1]
+  unnormalised = exp.astype(v.dtype)
+  out = (native.matmul(unnormalised, v) / total).astype(v.dtype)  # [.., N, V]
+  return out, (q, k, v, unnormalised, total, out)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array):
-  """attention.attend (token-major, one or more heads), normalised after the
-  weighted sum. q [B, N, H, Q], k [B, M, H, Q], v [B, M, H, V] ->
-  ([B, N, H, V], the [B, H, N, M] logits)."""
+def _softmax_attention_bwd(residuals, g):
+  q, k, v, unnormalised, total, out = residuals
+  g_scaled = (g / total).astype(v.dtype)  # dO / rowsum: P = U / rowsum
+  d_v = native.matmul(unnormalised, g_scaled, transpose_a=True)  # P^T dO
+  # dS = P (dP - rowsum(dO O)) = U (dO/rowsum V^T - rowsum(dO/rowsum O)).
+  delta = jnp.sum(g_scaled * out, axis=-1, keepdims=True)  # [.., N, 1]
+  d_p = native.matmul(g_scaled, v, transpose_b=True)  # [.., N, M]
+  d_s = (unnormalised * (d_p - delta)).astype(q.dtype)
+  d_q = native.matmul(d_s, k)  # [.., N, Q]
+  d_k = native.matmul(d_s, q, transpose_a=True)  # [.., M, Q]
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
+           return_logits: bool = True):
+  """attention.attend (token-major, one or more heads) through
+  `softmax_attention` in the head-major layout (a free reshape for one
+  head). q [B, N, H, Q], k [B, M, H, Q], v [B, M, H, V] ->
+  ([B, N, H, V], the [B, H, N, M] logits, or None without return_logits)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum('bnhq,bmhq->bhnm', q * scale, k)  # [B, H, N, M]
-  out, total = _softmax_weighted_sum(logits, v, 'bhnm,bmhv->bnhv')
-  out = out / total.transpose(0, 2, 1)[..., None].astype(out.dtype)
-  return out, logits  # [B, N, H, V]
+  head_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, H, T, W]
+  out = softmax_attention(head_major(q * scale), head_major(k), head_major(v))
+  logits = (jnp.einsum('bnhq,bmhq->bhnm', q * scale, k) if return_logits
+            else None)  # [B, H, N, M]
+  return head_major(out), logits  # [B, N, H, V]
 
 
 def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
@@ -299,7 +335,5 @@ def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
     return attend(q, k, v)[0].reshape(b, n, vc)
   q, k, v = qkv.reshape(b, n, 3, h, qk // h).transpose(2, 0, 3, 1, 4)
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum('bhnq,bhmq->bhnm', q * scale, k)  # [B, H, N, M]
-  out, total = _softmax_weighted_sum(logits, v, 'bhnm,bhmv->bhnv')
-  out = out / total[..., None].astype(out.dtype)  # [B, H, N, V]
+  out = softmax_attention(q * scale, k, v)  # [B, H, N, V]
   return out.transpose(0, 2, 1, 3).reshape(b, n, vc)  # [B, N, H * V]

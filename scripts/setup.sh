@@ -15,6 +15,18 @@ if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ] && command -v apt-get >/dev/null
          "job needs $FMNIST (the tests do not)." >&2
 fi
 
+# perceiver/native compiles a small C++ library at first use (XLA:CPU's
+# batched GEMMs); without a compiler it falls back to XLA's dot, slower.
+if ! command -v "${CXX:-g++}" >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "setup: installing g++ (apt)"
+  $SUDO apt-get install -y -q g++ >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null 2>&1 &&
+    $SUDO apt-get install -y -q g++ >/dev/null 2>&1; } ||
+    echo "setup: WARNING: could not install g++; perceiver/native will use" \
+         "XLA's dot (slower on the CPU)." >&2
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

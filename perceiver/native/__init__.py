@@ -1,0 +1,233 @@
+"""Batched matrix products on XLA:CPU through a small FFI library.
+
+  from perceiver import native
+  c = native.matmul(a, b, transpose_b=True)   # a [..., m, k], b [..., n, k]
+
+`matmul(a, b, transpose_a, transpose_b)` is op(a) @ op(b) over matching
+leading axes (op = identity or the transpose of the last two axes). On the CPU
+it runs batched_matmul.cc: OpenBLAS GEMMs spread over XLA's intra-op thread
+pool (jaxlib 0.10.2's XLA:CPU runs multi-head attention's batched products on
+one thread; benchmarks/RESULTS.md). Elsewhere (GPU, TPU), for dtypes other
+than float32 and float64, and when the library is not available, it is the
+same product as `jax.lax.dot_general`. Its gradient is the usual one, in the
+same products (tests/native_test.py checks both against XLA's).
+
+The library is compiled at first use with the C++ compiler ($CXX, else g++)
+against jaxlib's FFI headers and the scipy-openblas32 wheel
+(requirements.txt), into $PERCEIVER_NATIVE_CACHE (default
+~/.cache/perceiver/native), keyed by a hash of the source and the toolchain;
+a compile takes a few seconds, once. `PERCEIVER_NATIVE=0` turns it off. A
+failed build logs one warning naming the cause and falls back to XLA's dot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import math
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+_SOURCE = pathlib.Path(__file__).with_name('batched_matmul.cc')
+_TARGETS = {jnp.dtype(jnp.float32): 'perceiver_batched_matmul_f32',
+            jnp.dtype(jnp.float64): 'perceiver_batched_matmul_f64'}
+_SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
+            'perceiver_batched_matmul_f64': 'PerceiverBatchedMatmulF64'}
+_INT32_MAX = 2**31 - 1
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class BuildError(RuntimeError):
+  """The library could not be compiled or loaded (the message says why)."""
+
+
+def _cache_dir() -> pathlib.Path:
+  if os.environ.get('PERCEIVER_NATIVE_CACHE'):
+    return pathlib.Path(os.environ['PERCEIVER_NATIVE_CACHE'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  return pathlib.Path(base) / 'perceiver' / 'native'
+
+
+def _toolchain():
+  """(compiler, FFI include dir, OpenBLAS include dir, OpenBLAS lib dir)."""
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not compiler:
+    raise BuildError('no C++ compiler (set CXX, or install g++)')
+  try:
+    import scipy_openblas32  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise BuildError('the scipy-openblas32 wheel is not installed '
+                     '(requirements.txt)') from e
+  return (compiler, jax.ffi.include_dir(), scipy_openblas32.get_include_dir(),
+          scipy_openblas32.get_lib_dir())
+
+
+def build() -> pathlib.Path:
+  """Compiles batched_matmul.cc (if not cached) and returns the library."""
+  compiler, ffi_include, blas_include, blas_lib = _toolchain()
+  source = _SOURCE.read_bytes()
+  key = hashlib.sha256(b'\0'.join(
+      [source, compiler.encode(), ffi_include.encode(), blas_include.encode(),
+       blas_lib.encode(), jax.__version__.encode()])).hexdigest()[:16]
+  path = _cache_dir() / f'libperceiver_native_{key}.so'
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    out = pathlib.Path(tmp) / path.name
+    command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-w',
+               f'-I{ffi_include}', f'-I{blas_include}', str(_SOURCE),
+               f'-L{blas_lib}', '-lscipy_openblas', f'-Wl,-rpath,{blas_lib}',
+               '-o', str(out)]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            check=False)
+    if result.returncode:
+      lines = result.stderr.strip().splitlines() or ['(no output)']
+      first = next((l for l in lines if 'error' in l), lines[-1])
+      raise BuildError(f'{compiler} failed on {_SOURCE.name}: {first}')
+    os.replace(out, path)  # atomic: concurrent builds leave one whole file
+  return path
+
+
+def _load():
+  """Builds, loads and registers the library once; False if unavailable."""
+  with _lock:
+    if 'ok' in _state:
+      return _state['ok']
+    _state['ok'] = False
+    if os.environ.get('PERCEIVER_NATIVE', '1') == '0':
+      _state['why'] = 'PERCEIVER_NATIVE=0'
+      return False
+    try:
+      library = ctypes.CDLL(str(build()))
+      library.PerceiverBlasSingleThreaded()
+      for target, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)),
+            platform='cpu')
+    except (BuildError, OSError, AttributeError) as e:
+      _state['why'] = str(e)
+      logging.warning('perceiver.native unavailable, using XLA\'s dot: %s', e)
+      return False
+    _state['library'] = library
+    _state['ok'] = True
+    return True
+
+
+def available() -> bool:
+  """Whether the CPU library is built and registered (builds it if needed)."""
+  return _load()
+
+
+def why_unavailable() -> str | None:
+  """The reason `available()` is False, or None."""
+  return None if _load() else str(_state.get('why'))
+
+
+_CALL = re.compile(
+    r'= \w+\[([\d,]*)\]\S* custom-call\(.*?custom_call_target='
+    r'"perceiver_batched_matmul_f(?:32|64)".*?operand_layout_constraints='
+    r'\{\w+\[([\d,]*)\]\S*, .*?transpose_a = (true|false)')
+
+
+def hlo_flops(hlo_text: str) -> float:
+  """FLOPs of this library's calls in a compiled module's HLO text (2 per
+  multiply-add). XLA's cost analysis does not see into custom calls: add
+  this to `compiled.cost_analysis()['flops']` for the module's total."""
+  total = 0
+  for match in _CALL.finditer(hlo_text):
+    out, a, transpose_a = match.groups()
+    dims = lambda text: [int(d) for d in text.split(',') if d]
+    a_dims = dims(a)
+    k = a_dims[-2] if transpose_a == 'true' else a_dims[-1]
+    total += 2 * math.prod(dims(out)) * k
+  return float(total)
+
+
+def _out_shape(a, b, transpose_a, transpose_b):
+  m, k = a.shape[-2:][::-1] if transpose_a else a.shape[-2:]
+  k_b, n = b.shape[-2:][::-1] if transpose_b else b.shape[-2:]
+  if a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or k != k_b:
+    raise ValueError(
+        f'matmul: op(a) @ op(b) needs the same leading axes and contracting '
+        f'sizes; got a {a.shape} (transpose_a={transpose_a}), b {b.shape} '
+        f'(transpose_b={transpose_b}).')
+  return a.shape[:-2] + (m, n)
+
+
+def _xla_product(a, b, transpose_a, transpose_b):
+  batch = tuple(range(a.ndim - 2))
+  contract_a = a.ndim - 2 if transpose_a else a.ndim - 1
+  contract_b = b.ndim - 1 if transpose_b else b.ndim - 2
+  out = jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)),
+                                   (batch, batch)))
+  # dot_general puts a's free axis before b's: [..., m, n] as asked.
+  return out
+
+
+def _product(a, b, transpose_a: bool, transpose_b: bool):
+  """op(a) @ op(b): the library on the CPU, XLA's dot elsewhere."""
+  shape = _out_shape(a, b, transpose_a, transpose_b)
+  target = _TARGETS.get(jnp.dtype(a.dtype))
+  if (target is None or a.dtype != b.dtype
+      or max(a.shape[-2:] + b.shape[-2:]) > _INT32_MAX or not _load()):
+    return _xla_product(a, b, transpose_a, transpose_b)
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, a.dtype),
+                          vmap_method='broadcast_all')
+  return jax.lax.platform_dependent(
+      a, b,
+      cpu=lambda x, y: call(x, y, transpose_a=transpose_a,
+                            transpose_b=transpose_b),
+      default=lambda x, y: _xla_product(x, y, transpose_a, transpose_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a, b, transpose_a, transpose_b):
+  return _product(a, b, transpose_a, transpose_b)
+
+
+def _matmul_fwd(a, b, transpose_a, transpose_b):
+  return _product(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _matmul_bwd(transpose_a, transpose_b, residuals, g):
+  """With X = op(a), Y = op(b): dX = g Y^T, dY = X^T g, each in one product
+  of the operands as stored."""
+  a, b = residuals
+  if transpose_a:  # da = dX^T = Y g^T
+    da = _product(b, g, transpose_b, True)
+  else:  # da = g Y^T
+    da = _product(g, b, False, not transpose_b)
+  if transpose_b:  # db = dY^T = g^T X
+    db = _product(g, a, True, transpose_a)
+  else:  # db = X^T g
+    db = _product(a, g, not transpose_a, False)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
+           transpose_b: bool = False) -> jax.Array:
+  """op(a) @ op(b) over matching leading axes: [..., m, n].
+
+  Args:
+    a: [..., m, k], or [..., k, m] with transpose_a.
+    b: [..., k, n], or [..., n, k] with transpose_b.
+    transpose_a: contract a's second-last axis instead of its last.
+    transpose_b: contract b's last axis instead of its second-last.
+  """
+  return _matmul(a, b, bool(transpose_a), bool(transpose_b))
