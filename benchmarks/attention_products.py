@@ -1,6 +1,7 @@
 r"""The batched attention products of W1, timed alone: XLA:CPU against torch.
 
   python benchmarks/attention_products.py                       # JAX (XLA:CPU)
+  python benchmarks/attention_products.py --impl=native         # perceiver.native
   .venv-torch/bin/python benchmarks/attention_products.py --impl=torch
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot \
       python benchmarks/attention_products.py                   # Eigen dots
@@ -44,7 +45,7 @@ def _best(call, iterations: int, rounds: int) -> float:
   return best
 
 
-def _jax_calls(shape, matmul_n):
+def _jax_calls(shape, matmul_n, use_native=False):
   import jax
   import jax.numpy as jnp
   b, h, n, m, q = shape
@@ -52,11 +53,29 @@ def _jax_calls(shape, matmul_n):
   nq = jax.random.normal(keys[0], (b, h, n, q))
   mq = jax.random.normal(keys[1], (b, h, m, q))
   nm = jax.random.normal(keys[2], (b, h, n, m))
-  products = {
-      'NT': (jax.jit(lambda x, y: jnp.einsum('bhnq,bhmq->bhnm', x, y)), nq, mq),
-      'NN': (jax.jit(lambda x, y: jnp.einsum('bhnm,bhmq->bhnq', x, y)), nm, mq),
-      'TN': (jax.jit(lambda x, y: jnp.einsum('bhnm,bhnq->bhmq', x, y)), nm, nq),
-  }
+  if use_native:  # the project's FFI GEMMs (perceiver/native)
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    from perceiver import native
+    if not native.available():
+      raise SystemExit(f'perceiver.native: {native.why_unavailable()}')
+    mm = native.matmul
+    products = {
+        'NT': (jax.jit(lambda x, y: mm(x, y, transpose_b=True)), nq, mq),
+        'NN': (jax.jit(mm), nm, mq),
+        'TN': (jax.jit(lambda x, y: mm(x, y, transpose_a=True)), nm, nq),
+    }
+  else:
+    products = {
+        'NT': (jax.jit(lambda x, y: jnp.einsum('bhnq,bhmq->bhnm', x, y)),
+               nq, mq),
+        'NN': (jax.jit(lambda x, y: jnp.einsum('bhnm,bhmq->bhnq', x, y)),
+               nm, mq),
+        'TN': (jax.jit(lambda x, y: jnp.einsum('bhnm,bhnq->bhmq', x, y)),
+               nm, nq),
+    }
   calls = {form: (lambda f=f, x=x, y=y: jax.block_until_ready(f(x, y)))
            for form, (f, x, y) in products.items()}
   a = jax.random.normal(keys[3], (matmul_n, matmul_n))
@@ -85,7 +104,8 @@ def measure(impl: str, shapes, iterations: int, rounds: int,
     import os
     import torch
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-  make = _torch_calls if impl == 'torch' else _jax_calls
+  make = {'torch': _torch_calls, 'jax': _jax_calls,
+          'native': lambda *a: _jax_calls(*a, use_native=True)}[impl]
   rows, square = [], None
   for shape in shapes:
     b, h, n, m, q = shape
@@ -103,7 +123,8 @@ def measure(impl: str, shapes, iterations: int, rounds: int,
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--impl', choices=('jax', 'torch'), default='jax')
+  parser.add_argument('--impl', choices=('jax', 'native', 'torch'),
+                      default='jax')
   parser.add_argument('--iterations', type=int, default=20)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--matmul_n', type=int, default=2048)

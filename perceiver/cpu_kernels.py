@@ -12,18 +12,20 @@ modules and lets autodiff take the gradients. `Perceiver(cpu_kernels=True)`
 of it is new mathematics; every function here equals its plain counterpart,
 outputs and gradients (tests/attention_test.py, tests/reference_test.py):
 
-- custom VJPs that give XLA:CPU its fast matmul forms: a linear layer's weight
-  gradient as a plain [I, T] x [T, O] product with x^T materialised (XLA:CPU
-  runs the equivalent contraction over the leading axis of both operands in a
-  slower generic kernel), and sums over the batch of the gradients of shared
-  terms (biases, LayerNorm scales and offsets, the latents, position
-  features) as a product with a ones vector when the summed array is large
-  (`_sum_leading`);
+- products through perceiver/native (OpenBLAS GEMMs on XLA's thread
+  pool, through the XLA FFI; XLA's own dot on other backends): attention's
+  batched per-head products, forward and backward (`softmax_attention`),
+  and the weight gradients x^T g of linear layers and of the factored
+  projection, each reading its operands transposed in place (jaxlib 0.10.2's
+  XLA:CPU runs batched dots on one thread, and a contraction over leading
+  axes in a slower kernel);
+- custom VJPs that sum over the batch the gradients of shared terms (biases,
+  LayerNorm scales and offsets, the latents, position features) as a product
+  with a ones vector when the summed array is large (`_sum_leading`);
 - fused projections (keys and values, or queries, keys and values, from one
   matmul), the factored byte array's projection with a hand-written backward
-  that reads each cotangent once, and attention in layouts that map onto
-  batched matmuls (head-major for self-attention, softmax normalised after
-  the weighted sum).
+  that reads each cotangent once, and attention in the head-major layout
+  with the softmax normalised after the weighted sum.
 
 Which setting is faster depends on the backend and the jaxlib; measurements
 with the commands that produced them are in benchmarks/RESULTS.md.

@@ -6,9 +6,10 @@ import pytest
 from benchmarks import attention_products
 
 
-def test_every_product_and_the_matmul_are_timed(capsys):
+@pytest.mark.parametrize('impl', ['jax', 'native'])
+def test_every_product_and_the_matmul_are_timed(capsys, impl):
   attention_products.main(['--small', '--iterations=1', '--rounds=1',
-                           '--matmul_n=32'])
+                           '--matmul_n=32', f'--impl={impl}'])
   lines = capsys.readouterr().out.splitlines()
   rows = [line for line in lines[3:] if line.startswith('|')]
   forms = [row.split('|')[2].strip() for row in rows]

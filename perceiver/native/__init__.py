@@ -199,21 +199,22 @@ def _matmul(a, b, transpose_a, transpose_b):
 
 
 def _matmul_fwd(a, b, transpose_a, transpose_b):
-  return _product(a, b, transpose_a, transpose_b), (a, b)
+  # _matmul, not _product: under a second derivative this is differentiated.
+  return _matmul(a, b, transpose_a, transpose_b), (a, b)
 
 
 def _matmul_bwd(transpose_a, transpose_b, residuals, g):
   """With X = op(a), Y = op(b): dX = g Y^T, dY = X^T g, each in one product
-  of the operands as stored."""
+  of the operands as stored (itself differentiable: higher orders work)."""
   a, b = residuals
   if transpose_a:  # da = dX^T = Y g^T
-    da = _product(b, g, transpose_b, True)
+    da = _matmul(b, g, transpose_b, True)
   else:  # da = g Y^T
-    da = _product(g, b, False, not transpose_b)
+    da = _matmul(g, b, False, not transpose_b)
   if transpose_b:  # db = dY^T = g^T X
-    db = _product(g, a, True, transpose_a)
+    db = _matmul(g, a, True, transpose_a)
   else:  # db = X^T g
-    db = _product(a, g, not transpose_a, False)
+    db = _matmul(a, g, not transpose_a, False)
   return da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -4,9 +4,9 @@
 //
 // Why (benchmarks/RESULTS.md, 2026-12-03): jaxlib 0.10.2's XLA:CPU runs the
 // batched products of multi-head attention ([256 x 64] x [64 x 256] per head)
-// on one thread; the same products as GEMMs spread over the pool's threads run
-// at the machine's matmul rate. Built and registered by perceiver/native.py;
-// perceiver/native.py's `matmul` is the JAX function that calls it.
+// on one thread; the same products as GEMMs spread over the pool's threads
+// take about half the time. Built and registered by perceiver/native;
+// perceiver/native's `matmul` is the JAX function that calls it.
 //
 // Operands: A [..., a0, a1], B [..., b0, b1], the same leading axes (G in all,
 // flattened), row-major and dense (XLA's default layout). op(A) is [m, k],

@@ -1,0 +1,167 @@
+"""perceiver/native: the FFI batched matmul against XLA's dot_general."""
+
+import os
+import subprocess
+import sys
+
+import jax
+from jax import test_util as jtu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver import cpu_kernels
+from perceiver import native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORMS = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def _operands(lead, m, k, n, transpose_a, transpose_b, dtype, seed=0):
+  ka, kb = jax.random.split(jax.random.key(seed))
+  a = jax.random.normal(ka, lead + ((k, m) if transpose_a else (m, k)), dtype)
+  b = jax.random.normal(kb, lead + ((n, k) if transpose_b else (k, n)), dtype)
+  return a, b
+
+
+def _reference(a, b, transpose_a, transpose_b):
+  a = np.swapaxes(np.asarray(a, np.float64), -1, -2) if transpose_a else a
+  b = np.swapaxes(np.asarray(b, np.float64), -1, -2) if transpose_b else b
+  return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def test_library_builds_here():
+  # The suite's machines have g++ and the wheel (scripts/setup.sh): the fast
+  # path must be the one tested, not the fallback.
+  assert native.available(), native.why_unavailable()
+
+
+# Shapes cover: many batch elements (whole elements per thread), one element
+# split by rows (m >= n) and by columns (m < n), odd sizes, rank 2 and 4.
+@pytest.mark.parametrize('transpose_a,transpose_b', FORMS)
+@pytest.mark.parametrize('lead,m,k,n', [((6,), 5, 7, 3), ((), 33, 17, 9),
+                                        ((), 3, 11, 40), ((2, 3), 8, 4, 8)])
+def test_matmul_equals_float64_product(lead, m, k, n, transpose_a,
+                                       transpose_b):
+  a, b = _operands(lead, m, k, n, transpose_a, transpose_b, jnp.float32)
+  out = jax.jit(lambda a, b: native.matmul(
+      a, b, transpose_a=transpose_a, transpose_b=transpose_b))(a, b)
+  assert out.shape == lead + (m, n) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, _reference(a, b, transpose_a, transpose_b),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('transpose_a,transpose_b', FORMS)
+def test_float64_gradients_are_the_products(transpose_a, transpose_b):
+  with jax.enable_x64(True):
+    a, b = _operands((3,), 4, 6, 5, transpose_a, transpose_b, jnp.float64)
+    f = lambda a, b: native.matmul(a, b, transpose_a=transpose_a,
+                                   transpose_b=transpose_b)
+    np.testing.assert_allclose(jax.jit(f)(a, b),
+                               _reference(a, b, transpose_a, transpose_b),
+                               rtol=1e-12)
+    jtu.check_grads(f, (a, b), order=2, modes=['rev'])
+
+
+def test_vmap_over_one_operand():
+  a, b = _operands((4,), 6, 5, 7, False, True, jnp.float32)
+  f = lambda a, b: native.matmul(a, b, transpose_b=True)
+  out = jax.jit(jax.vmap(f, in_axes=(0, None)))(a, b[0])  # b shared
+  np.testing.assert_allclose(
+      out, _reference(a, np.broadcast_to(b[0], b.shape), False, True),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_empty_contraction_is_zeros():
+  a = jnp.ones((2, 3, 0))
+  b = jnp.ones((2, 0, 4))
+  out = jax.jit(native.matmul)(a, b)
+  np.testing.assert_array_equal(out, np.zeros((2, 3, 4), np.float32))
+
+
+def test_other_dtypes_use_xla():
+  a, b = _operands((2,), 4, 8, 4, False, False, jnp.bfloat16)
+  out = jax.jit(native.matmul)(a, b)
+  assert out.dtype == jnp.bfloat16
+  assert 'perceiver_batched_matmul' not in jax.jit(native.matmul).lower(
+      a, b).as_text()
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             _reference(a, b, False, False), rtol=0.05,
+                             atol=0.1)
+
+
+def test_mismatched_operands_name_the_problem():
+  with pytest.raises(ValueError, match='contracting sizes'):
+    native.matmul(jnp.ones((2, 3, 4)), jnp.ones((2, 5, 6)))
+  with pytest.raises(ValueError, match='leading axes'):
+    native.matmul(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 6)))
+
+
+def test_hlo_flops_counts_the_calls():
+  a, b = _operands((5,), 6, 7, 8, True, False, jnp.float32)
+  f = lambda a, b: native.matmul(a, b, transpose_a=True) + 1.0
+  compiled = jax.jit(f).lower(a, b).compile()
+  assert native.hlo_flops(compiled.as_text()) == 2 * 5 * 6 * 7 * 8
+
+
+def test_softmax_attention_equals_plain_attention_in_float64():
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (2, 3, 5, 4), jnp.float64)
+    k = jax.random.normal(keys[1], (2, 3, 7, 4), jnp.float64)
+    v = jax.random.normal(keys[2], (2, 3, 7, 6), jnp.float64)
+
+    def plain(q, k, v):
+      weights = jax.nn.softmax(jnp.einsum('...nq,...mq->...nm', q, k), -1)
+      return jnp.einsum('...nm,...mv->...nv', weights, v)
+
+    np.testing.assert_allclose(cpu_kernels.softmax_attention(q, k, v),
+                               plain(q, k, v), rtol=1e-12)
+    g = jax.random.normal(keys[3], (2, 3, 5, 6), jnp.float64)
+    got = jax.vjp(cpu_kernels.softmax_attention, q, k, v)[1](g)
+    want = jax.vjp(plain, q, k, v)[1](g)
+    for x, y in zip(got, want):
+      np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def _run(code: str, **env):
+  return subprocess.run(
+      [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
+      check=False)
+
+
+_FALLBACK_CHECK = '''
+import jax.numpy as jnp, numpy as np
+from perceiver import native
+out = native.matmul(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5)))
+np.testing.assert_allclose(out, 4.0)
+print('available', native.available(), native.why_unavailable())
+'''
+
+
+def test_turned_off_falls_back_to_xla():
+  result = _run(_FALLBACK_CHECK, PERCEIVER_NATIVE='0')
+  assert result.returncode == 0, result.stderr
+  assert 'available False PERCEIVER_NATIVE=0' in result.stdout
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+  result = _run(_FALLBACK_CHECK, CXX='/bin/false',
+                PERCEIVER_NATIVE_CACHE=str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  assert 'available False /bin/false failed on batched_matmul.cc' in (
+      result.stdout)
+  assert result.stderr.count('perceiver.native unavailable') == 1
+  assert not list(tmp_path.glob('*.so'))  # nothing half-written is kept
+
+
+def test_build_is_cached_by_source_and_toolchain(tmp_path):
+  code = 'from perceiver import native; print(native.build())'
+  first = _run(code, PERCEIVER_NATIVE_CACHE=str(tmp_path))
+  assert first.returncode == 0, first.stderr
+  path = first.stdout.strip()
+  assert os.path.dirname(path) == str(tmp_path) and os.path.exists(path)
+  mtime = os.path.getmtime(path)
+  again = _run(code, PERCEIVER_NATIVE_CACHE=str(tmp_path))
+  assert again.stdout.strip() == path and os.path.getmtime(path) == mtime
