@@ -291,10 +291,14 @@ def _softmax_attention_bwd(residuals, g):
   q, k, v, unnormalised, total, out = residuals
   g_scaled = (g / total).astype(v.dtype)  # dO / rowsum: P = U / rowsum
   d_v = native.matmul(unnormalised, g_scaled, transpose_a=True)  # P^T dO
-  # dS = P (dP - rowsum(dO O)) = U (dO/rowsum V^T - rowsum(dO/rowsum O)).
-  delta = jnp.sum(g_scaled * out, axis=-1, keepdims=True)  # [.., N, 1]
+  # dS = P (dP - rowsum(dO O)) = U (dO/rowsum V^T - rowsum(dO/rowsum O)),
+  # in the softmax's precision (float32 or wider).
+  wide = total.dtype
+  delta = jnp.sum(g_scaled.astype(wide) * out.astype(wide), axis=-1,
+                  keepdims=True)  # [.., N, 1]
   d_p = native.matmul(g_scaled, v, transpose_b=True)  # [.., N, M]
-  d_s = (unnormalised * (d_p - delta)).astype(q.dtype)
+  d_s = (unnormalised.astype(wide) * (d_p.astype(wide) - delta)).astype(
+      q.dtype)
   d_q = native.matmul(d_s, k)  # [.., N, Q]
   d_k = native.matmul(d_s, q, transpose_a=True)  # [.., M, Q]
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
@@ -334,7 +338,7 @@ def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
   if qk != vc:
     q, k, v = (y.reshape(b, n, h, -1)
                for y in _column_blocks(qkv, (qk, qk, vc)))  # [B, N, H, *]
-    return attend(q, k, v)[0].reshape(b, n, vc)
+    return attend(q, k, v, return_logits=False)[0].reshape(b, n, vc)
   q, k, v = qkv.reshape(b, n, 3, h, qk // h).transpose(2, 0, 3, 1, 4)
   scale = 1.0 / math.sqrt(q.shape[-1])
   out = softmax_attention(q * scale, k, v)  # [B, H, N, V]

@@ -95,6 +95,8 @@ def test_mismatched_operands_name_the_problem():
     native.matmul(jnp.ones((2, 3, 4)), jnp.ones((2, 5, 6)))
   with pytest.raises(ValueError, match='leading axes'):
     native.matmul(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 6)))
+  with pytest.raises(ValueError, match='2 or more axes'):
+    native.matmul(jnp.ones((4,)), jnp.ones((4, 6)))
 
 
 def test_hlo_flops_counts_the_calls():

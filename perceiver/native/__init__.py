@@ -157,9 +157,12 @@ def hlo_flops(hlo_text: str) -> float:
 
 
 def _out_shape(a, b, transpose_a, transpose_b):
+  if a.ndim < 2 or b.ndim < 2:
+    raise ValueError(f'matmul: operands need 2 or more axes; got a {a.shape},'
+                     f' b {b.shape}.')
   m, k = a.shape[-2:][::-1] if transpose_a else a.shape[-2:]
   k_b, n = b.shape[-2:][::-1] if transpose_b else b.shape[-2:]
-  if a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or k != k_b:
+  if a.shape[:-2] != b.shape[:-2] or k != k_b:
     raise ValueError(
         f'matmul: op(a) @ op(b) needs the same leading axes and contracting '
         f'sizes; got a {a.shape} (transpose_a={transpose_a}), b {b.shape} '
