@@ -7,9 +7,10 @@
 leading axes (op = identity or the transpose of the last two axes). On the CPU
 it runs batched_matmul.cc: OpenBLAS GEMMs spread over XLA's intra-op thread
 pool (jaxlib 0.10.2's XLA:CPU runs multi-head attention's batched products on
-one thread; benchmarks/RESULTS.md). Elsewhere (GPU, TPU), for dtypes other
-than float32 and float64, and when the library is not available, it is the
-same product as `jax.lax.dot_general`. Its gradient is the usual one, in the
+one thread; benchmarks/RESULTS.md). Elsewhere (GPU, TPU: a host whose default
+backend is not the CPU does not build it), for dtypes other than float32 and
+float64, and when the library is not available, it is the same product as
+`jax.lax.dot_general`. Its gradient is the usual one, in the
 same products (tests/native_test.py checks both against XLA's).
 
 The library is compiled at first use with the C++ compiler ($CXX, else g++)
@@ -185,7 +186,9 @@ def _product(a, b, transpose_a: bool, transpose_b: bool):
   shape = _out_shape(a, b, transpose_a, transpose_b)
   target = _TARGETS.get(jnp.dtype(a.dtype))
   if (target is None or a.dtype != b.dtype
-      or max(a.shape[-2:] + b.shape[-2:]) > _INT32_MAX or not _load()):
+      or max(a.shape[-2:] + b.shape[-2:]) > _INT32_MAX
+      or jax.default_backend() != 'cpu' or not _load()):
+    # (On a GPU or TPU host the library is not even built.)
     return _xla_product(a, b, transpose_a, transpose_b)
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, a.dtype),
                           vmap_method='broadcast_all')
