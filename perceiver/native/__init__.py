@@ -26,8 +26,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import os
 import math
+import os
 import pathlib
 import re
 import shutil
