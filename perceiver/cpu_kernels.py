@@ -313,10 +313,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
   `softmax_attention` in the head-major layout (a free reshape for one
   head). q [B, N, H, Q], k [B, M, H, Q], v [B, M, H, V] ->
   ([B, N, H, V], the [B, H, N, M] logits, or None without return_logits)."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
+  q = q * (1.0 / math.sqrt(q.shape[-1]))
   head_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, H, T, W]
-  out = softmax_attention(head_major(q * scale), head_major(k), head_major(v))
-  logits = (jnp.einsum('bnhq,bmhq->bhnm', q * scale, k) if return_logits
+  out = softmax_attention(head_major(q), head_major(k), head_major(v))
+  logits = (jnp.einsum('bnhq,bmhq->bhnm', q, k) if return_logits
             else None)  # [B, H, N, M]
   return head_major(out), logits  # [B, N, H, V]
 

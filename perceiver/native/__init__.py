@@ -147,12 +147,11 @@ def hlo_flops(hlo_text: str) -> float:
   """FLOPs of this library's calls in a compiled module's HLO text (2 per
   multiply-add). XLA's cost analysis does not see into custom calls: add
   this to `compiled.cost_analysis()['flops']` for the module's total."""
+  dims = lambda text: [int(d) for d in text.split(',') if d]
   total = 0
   for match in _CALL.finditer(hlo_text):
     out, a, transpose_a = match.groups()
-    dims = lambda text: [int(d) for d in text.split(',') if d]
-    a_dims = dims(a)
-    k = a_dims[-2] if transpose_a == 'true' else a_dims[-1]
+    k = dims(a)[-2] if transpose_a == 'true' else dims(a)[-1]
     total += 2 * math.prod(dims(out)) * k
   return float(total)
 
@@ -175,10 +174,9 @@ def _xla_product(a, b, transpose_a, transpose_b):
   batch = tuple(range(a.ndim - 2))
   contract_a = a.ndim - 2 if transpose_a else a.ndim - 1
   contract_b = b.ndim - 1 if transpose_b else b.ndim - 2
-  out = jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)),
-                                   (batch, batch)))
   # dot_general puts a's free axis before b's: [..., m, n] as asked.
-  return out
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)),
+                                    (batch, batch)))
 
 
 def _product(a, b, transpose_a: bool, transpose_b: bool):
