@@ -93,7 +93,8 @@ class MLP(hk.Module):
     linear, layer_norm = _modules(self._cpu_kernels)
     d = x.shape[-1]
     h = layer_norm(name='layer_norm')(x)
-    h = jax.nn.gelu(linear(self._widening_factor * d, name='hidden')(h))
+    gelu = kernels.gelu if self._cpu_kernels else jax.nn.gelu
+    h = gelu(linear(self._widening_factor * d, name='hidden')(h))
     return x + linear(d, name='output')(h)  # [..., D]
 
 

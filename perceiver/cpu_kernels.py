@@ -22,6 +22,10 @@ outputs and gradients (tests/attention_test.py, tests/reference_test.py):
 - custom VJPs that sum over the batch the gradients of shared terms (biases,
   LayerNorm scales and offsets, the latents, position features) as a product
   with a ones vector when the summed array is large (`_sum_leading`);
+- LayerNorm's gradient written out and GELU recomputed in the backward pass,
+  so that each keeps one array of its input's size for the backward pass
+  (autodiff keeps three for a LayerNorm and five for a GELU;
+  benchmarks/RESULTS.md has what it saves);
 - fused projections (keys and values, or queries, keys and values, from one
   matmul), the factored byte array's projection with a hand-written backward
   that reads each cotangent once, and attention in the head-major layout
@@ -83,24 +87,6 @@ add_shared.defvjp(_add_shared_fwd, _add_shared_bwd)
 
 
 @jax.custom_vjp
-def mul_shared(x: jax.Array, y: jax.Array) -> jax.Array:
-  """x * y for y broadcast over x's leading axes (a LayerNorm scale)."""
-  return x * y
-
-
-def _mul_shared_fwd(x, y):
-  return x * y, (x, y)
-
-
-def _mul_shared_bwd(residuals, g):
-  x, y = residuals
-  return g * y, _sum_leading(g * x, y.shape).astype(y.dtype)
-
-
-mul_shared.defvjp(_mul_shared_fwd, _mul_shared_bwd)
-
-
-@jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """x @ w + b over the last axis of x: [..., I] -> [..., O].
 
@@ -127,12 +113,49 @@ def _linear_bwd(residuals, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+@jax.custom_vjp
 def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-  """hk.LayerNorm over the last axis (eps 1e-5), as a pure function."""
+  """hk.LayerNorm over the last axis (eps 1e-5), as a pure function.
+
+  The gradient is autodiff's, written out so that the forward pass keeps one
+  array of x's size (the normalised x-hat) and the inverse deviations:
+
+    dx = inv (g' - mean(g') - x-hat mean(g' x-hat)),  g' = g * scale,
+
+  the means over the last axis; d scale and d offset are the sums of
+  g * x-hat and g over the leading axes (`_sum_leading`).
+  """
+  return _layer_norm_fwd(x, scale, offset)[0]
+
+
+def _layer_norm_fwd(x, scale, offset):
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  normalized = (x - mean) * jax.lax.rsqrt(var + byte_array.LN_EPS)
-  return add_shared(mul_shared(normalized, scale), offset)
+  inv = jax.lax.rsqrt(var + byte_array.LN_EPS)  # [..., 1]
+  normalized = (x - mean) * inv
+  return normalized * scale + offset, (normalized, inv, scale, offset)
+
+
+def _layer_norm_bwd(residuals, g):
+  normalized, inv, scale, offset = residuals
+  g_scaled = g * scale
+  dx = inv * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
+              - normalized * jnp.mean(g_scaled * normalized, axis=-1,
+                                      keepdims=True))
+  d_scale = _sum_leading(g * normalized, scale.shape)
+  d_offset = _sum_leading(g, offset.shape)
+  return (dx.astype(normalized.dtype), d_scale.astype(scale.dtype),
+          d_offset.astype(offset.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """jax.nn.gelu (tanh approximation) that keeps only its input for the
+  backward pass, recomputing the rest there (autodiff keeps ~5 arrays of
+  x's size per call)."""
+  return jax.checkpoint(jax.nn.gelu)(x)
 
 
 class Linear(hk.Module):
@@ -149,7 +172,7 @@ class Linear(hk.Module):
 
 class LayerNorm(hk.Module):
   """hk.LayerNorm's parameters and output (last axis, scale and offset);
-  the gradients of `add_shared` and `mul_shared`."""
+  the gradient of `layer_norm`."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return layer_norm(x, *byte_array.layer_norm_params(None, x.shape[-1]))

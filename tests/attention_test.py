@@ -64,12 +64,29 @@ def test_linear(shape):
                            _args(shape, (6, 5), (5,)))
 
 
+def _plain_layer_norm(x, scale, offset):
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.var(x, axis=-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + byte_array.LN_EPS) * scale + offset
+
+
 @pytest.mark.parametrize('size', [3, 5000])  # Both ways of summing rows.
-def test_shared_add_and_multiply(size):
+def test_shared_add_and_layer_norm(size):
   with jax.enable_x64(True):
-    x, y = _args((2, 3, size), (size,))
+    x, y, offset = _args((2, 3, size), (size,), (size,))
     _assert_same_gradients(cpu_kernels.add_shared, lambda x, y: x + y, [x, y])
-    _assert_same_gradients(cpu_kernels.mul_shared, lambda x, y: x * y, [x, y])
+    _assert_same_gradients(cpu_kernels.layer_norm, _plain_layer_norm,
+                           [3 * x + 1, 1 + y, offset])
+
+
+def test_gelu_keeps_only_its_input():
+  with jax.enable_x64(True):
+    (x,) = _args((4, 6))
+    _assert_same_gradients(cpu_kernels.gelu, jax.nn.gelu, [3 * x])
+    residuals = jax.vjp(cpu_kernels.gelu, x)[1]
+    saved = [leaf for leaf in jax.tree.leaves(residuals)
+             if getattr(leaf, 'shape', None) == x.shape]
+    assert len(saved) == 1
 
 
 def _blocks_both_ways(block, x, z):

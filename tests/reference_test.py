@@ -121,7 +121,7 @@ def test_model_equals_numpy_reference(shared, chunk_size, cpu_kernels):
     (None, True, False), (7, True, False)])
 def test_parameter_gradients_equal_reference_gradients(chunk_size, factored,
                                                        cpu_kernels):
-  """The gradients (with the CPU kernels: linear, add_shared, mul_shared, the
+  """The gradients (with the CPU kernels: linear, add_shared, layer_norm, the
   factored projection; chunked attention; and plain autodiff) against
   float64 autodiff of the paper."""
   f, params, x = _model_and_params(True, chunk_size, cpu_kernels)
