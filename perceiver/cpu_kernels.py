@@ -15,10 +15,10 @@ outputs and gradients (tests/attention_test.py, tests/reference_test.py):
 - products through perceiver/native (OpenBLAS GEMMs on XLA's thread
   pool, through the XLA FFI; XLA's own dot on other backends): attention's
   batched per-head products, forward and backward (`softmax_attention`),
-  and the weight gradients x^T g of linear layers and of the factored
-  projection, each reading its operands transposed in place (jaxlib 0.10.2's
-  XLA:CPU runs batched dots on one thread, and a contraction over leading
-  axes in a slower kernel);
+  every product of the linear layers (`linear`: x w, g w^T, x^T g) and the
+  weight gradients of the factored projection, each reading its operands
+  transposed in place (jaxlib 0.10.2's XLA:CPU runs batched dots on one
+  thread, and a contraction over leading axes in a slower kernel);
 - custom VJPs that sum over the batch the gradients of shared terms (biases,
   LayerNorm scales and offsets, the latents, position features) as a product
   with a ones vector when the summed array is large (`_sum_leading`);
@@ -86,14 +86,26 @@ def _add_shared_bwd(y_carrier, g):
 add_shared.defvjp(_add_shared_fwd, _add_shared_bwd)
 
 
+def _rows_product(x: jax.Array, w: jax.Array, transpose_w: bool = False
+                  ) -> jax.Array:
+  """x @ op(w) over the last axis of x: [..., I] x [I, O] -> [..., O] (w
+  [O, I] read transposed with transpose_w), as one perceiver.native product
+  of x's rows."""
+  if x.dtype != w.dtype:  # (mixed operands: XLA's dot and its promotion)
+    return x @ (w.T if transpose_w else w)
+  out = native.matmul(x.reshape(-1, x.shape[-1]), w, transpose_b=transpose_w)
+  return out.reshape(x.shape[:-1] + out.shape[-1:])
+
+
 @jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """x @ w + b over the last axis of x: [..., I] -> [..., O].
 
-  The gradient is the usual one: dw = x^T g as one perceiver.native product
-  (a GEMM reading x transposed in place), db summed as in `add_shared`.
+  Its three products are perceiver.native GEMMs over x's rows: x w forward,
+  and for the usual gradient dx = g w^T (w read transposed in place) and
+  dw = x^T g (x read transposed in place); db is summed as in `add_shared`.
   """
-  return x @ w + b
+  return _rows_product(x, w) + b
 
 
 def _linear_fwd(x, w, b):
@@ -104,7 +116,7 @@ def _linear_bwd(residuals, g):
   x, w, b_carrier = residuals
   dw = native.matmul(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
                      transpose_a=True)  # x^T g, [I, O]
-  dx = g @ w.T  # [..., I]
+  dx = _rows_product(g, w, transpose_w=True)  # g w^T, [..., I]
   db = _sum_leading(g, b_carrier.shape[1:])  # [O]
   return (dx.astype(x.dtype), dw.astype(w.dtype),
           db.astype(b_carrier.dtype))
