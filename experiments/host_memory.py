@@ -17,12 +17,11 @@ memory is reused instead:
   M_TRIM_THRESHOLD=-1 the heap is never given back to the kernel.
 
 The price: the process keeps its peak heap, compilation's included, with
-fragmentation on top (`python -m launch.benchmark --workload=W1` peaks at
-5.5 GiB resident instead of 2.4 GiB with --host_memory=system), and
-all threads share one malloc lock, which a busy multi-threaded input
-pipeline on a large accelerator host could feel. Hence `auto` (the runner's
-and benchmark's default) retains only when the process computes on CPU
-alone.
+fragmentation on top (the peak resident memory of both policies is measured
+in README.md and benchmarks/RESULTS.md), and all threads share one malloc
+lock, which a busy multi-threaded input pipeline on a large accelerator host
+could feel. Hence `auto` (the runner's and benchmark's default) retains only
+when the process computes on CPU alone.
 
 It must run before JAX starts its backends: a thread keeps the heap it first
 allocated from.

@@ -165,7 +165,7 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 def gelu(x: jax.Array) -> jax.Array:
   """jax.nn.gelu (tanh approximation) that keeps only its input for the
-  backward pass, recomputing the rest there (autodiff keeps ~5 arrays of
+  backward pass, recomputing the rest there (autodiff keeps five arrays of
   x's size per call)."""
   return jax.checkpoint(jax.nn.gelu)(x)
 
