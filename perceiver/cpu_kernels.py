@@ -141,10 +141,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
 
 
 def _layer_norm_fwd(x, scale, offset):
-  centered = x - jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
   inv = jax.lax.rsqrt(var + byte_array.LN_EPS)  # [..., 1]
-  normalized = centered * inv
+  normalized = (x - mean) * inv
   return normalized * scale + offset, (normalized, inv, scale, offset)
 
 
