@@ -13,6 +13,11 @@ float64, and when the library is not available, it is the same product as
 `jax.lax.dot_general`. Its gradient is the usual one, in the
 same products (tests/native_test.py checks both against XLA's).
 
+Under `jax.jit` over a device mesh, a `custom_partitioning` rule lets each
+device multiply its own shards (batch and row axes stay split; a contraction
+split over devices is summed across them with `psum`); XLA cannot see into
+the FFI call and would otherwise give every device the whole product.
+
 The library is compiled at first use with the C++ compiler ($CXX, else g++)
 against jaxlib's FFI headers and the scipy-openblas32 wheel
 (requirements.txt), into $PERCEIVER_NATIVE_CACHE (default
@@ -38,6 +43,10 @@ import threading
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 _SOURCE = pathlib.Path(__file__).with_name('batched_matmul.cc')
 _TARGETS = {jnp.dtype(jnp.float32): 'perceiver_batched_matmul_f32',
@@ -179,21 +188,138 @@ def _xla_product(a, b, transpose_a, transpose_b):
                                     (batch, batch)))
 
 
+def _library_call(a, b, transpose_a: bool, transpose_b: bool):
+  """The FFI call on arrays as they are (one device's shard, or all)."""
+  call = jax.ffi.ffi_call(
+      _TARGETS[jnp.dtype(a.dtype)],
+      jax.ShapeDtypeStruct(_out_shape(a, b, transpose_a, transpose_b),
+                           a.dtype))
+  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def _axes(transpose_a, transpose_b, rank):
+  """(m, k) axes of a and (k, n) axes of b, counted from the front."""
+  m_a, k_a = (rank - 1, rank - 2) if transpose_a else (rank - 2, rank - 1)
+  k_b, n_b = (rank - 1, rank - 2) if transpose_b else (rank - 2, rank - 1)
+  return m_a, k_a, k_b, n_b
+
+
+def _split(transpose_a, transpose_b, a_spec, b_spec, rank):
+  """How each device's product is laid out over the mesh: the specs asked of
+  a, b and the result, and the mesh axes over which the contraction is split.
+
+  Batch axes follow a's sharding, m a's, n b's, k a's (b is resharded to
+  match); a mesh axis already used by an earlier of those is dropped."""
+  pad = lambda spec: tuple(spec) + (None,) * (rank - len(tuple(spec)))
+  a_spec, b_spec = pad(a_spec), pad(b_spec)
+  m_a, k_a, k_b, n_b = _axes(transpose_a, transpose_b, rank)
+  used = set()
+
+  def take(entry):
+    names = () if entry is None else (
+        (entry,) if isinstance(entry, str) else tuple(entry))
+    kept = tuple(n for n in names if n not in used)
+    used.update(kept)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+  batch = [take(a_spec[i]) for i in range(rank - 2)]
+  m, k, n = take(a_spec[m_a]), take(a_spec[k_a]), take(b_spec[n_b])
+  spec_a, spec_b = batch + [None, None], batch + [None, None]
+  spec_a[m_a], spec_a[k_a], spec_b[k_b], spec_b[n_b] = m, k, k, n
+  k_axes = () if k is None else ((k,) if isinstance(k, str) else k)
+  return P(*spec_a), P(*spec_b), P(*batch, m, n), k_axes
+
+
+def _partition(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
+  """custom_partitioning's callback: each device multiplies its own shards;
+  a contraction split over devices (x^T g with the batch's rows sharded) is
+  summed across them."""
+  del result_shape
+  a, b = arg_shapes
+  rank = len(a.shape)
+  if not all(isinstance(x.sharding, NamedSharding) for x in arg_shapes):
+    # No mesh to name axes by (shardings given as HLO shardings, not over a
+    # mesh): every device computes the whole product, as XLA would.
+    from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
+    whole = sharding_impls.GSPMDSharding.get_replicated(
+        a.sharding._device_assignment)  # pylint: disable=protected-access
+    return mesh, functools.partial(
+        _library_call, transpose_a=transpose_a, transpose_b=transpose_b
+    ), whole, (whole, whole)
+  mesh = a.sharding.mesh
+  spec_a, spec_b, spec_out, k_axes = _split(
+      transpose_a, transpose_b, a.sharding.spec, b.sharding.spec, rank)
+
+  def lower(x, y):
+    out = _library_call(x, y, transpose_a, transpose_b)
+    return jax.lax.psum(out, k_axes) if k_axes else out
+
+  named = lambda spec: NamedSharding(mesh, spec)
+  return mesh, lower, named(spec_out), (named(spec_a), named(spec_b))
+
+
+def _infer_sharding(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
+  del result_shape
+  a, b = arg_shapes
+  if not all(isinstance(x.sharding, NamedSharding) for x in arg_shapes):
+    return None
+  mesh = a.sharding.mesh
+  spec_out = _split(transpose_a, transpose_b, a.sharding.spec,
+                    b.sharding.spec, len(a.shape))[2]
+  return NamedSharding(mesh, spec_out)
+
+
+def _sharding_rule(transpose_a, transpose_b, mesh, operand_types,
+                   result_types):
+  del mesh, operand_types, result_types
+  a = 'k m' if transpose_a else 'm k'
+  b = 'n k' if transpose_b else 'k n'
+  return f'... {a}, ... {b} -> ... m n', {'reduction_factors': ('k',)}
+
+
+# Under jax.jit with sharded operands (experiments/parallel.py's data
+# parallelism, or any mesh), XLA cannot see into the FFI call and would give
+# every device the whole product; this tells its partitioner that each
+# device multiplies its own shards.
+_partitioned_call = custom_partitioning(_library_call, static_argnums=(2, 3))
+_partitioned_call.def_partition(
+    _partition, infer_sharding_from_operands=_infer_sharding,
+    sharding_rule=_sharding_rule)
+
+
+@functools.cache
+def _cpu_product(transpose_a: bool, transpose_b: bool):
+  """The partitioned call for one pair of flags, with its vmap rule: the
+  mapped axis becomes a leading (batch) axis of both operands."""
+
+  @custom_batching.custom_vmap
+  def product(a, b):
+    return _partitioned_call(a, b, transpose_a, transpose_b)
+
+  @product.def_vmap
+  def product_vmap(axis_size, in_batched, a, b):
+    a_batched, b_batched = in_batched
+    if not a_batched:
+      a = jnp.broadcast_to(a, (axis_size,) + a.shape)
+    if not b_batched:
+      b = jnp.broadcast_to(b, (axis_size,) + b.shape)
+    return product(a, b), True
+
+  return product
+
+
 def _product(a, b, transpose_a: bool, transpose_b: bool):
   """op(a) @ op(b): the library on the CPU, XLA's dot elsewhere."""
-  shape = _out_shape(a, b, transpose_a, transpose_b)
+  _out_shape(a, b, transpose_a, transpose_b)  # checks the shapes
   target = _TARGETS.get(jnp.dtype(a.dtype))
   if (target is None or a.dtype != b.dtype
       or max(a.shape[-2:] + b.shape[-2:]) > _INT32_MAX
       or jax.default_backend() != 'cpu' or not _load()):
     # (On a GPU or TPU host the library is not even built.)
     return _xla_product(a, b, transpose_a, transpose_b)
-  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, a.dtype),
-                          vmap_method='broadcast_all')
   return jax.lax.platform_dependent(
       a, b,
-      cpu=lambda x, y: call(x, y, transpose_a=transpose_a,
-                            transpose_b=transpose_b),
+      cpu=_cpu_product(transpose_a, transpose_b),
       default=lambda x, y: _xla_product(x, y, transpose_a, transpose_b))
 
 
