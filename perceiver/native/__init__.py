@@ -230,25 +230,32 @@ def _split(transpose_a, transpose_b, a_spec, b_spec, rank):
   return P(*spec_a), P(*spec_b), P(*batch, m, n), k_axes
 
 
+def _mesh_split(transpose_a, transpose_b, arg_shapes):
+  """(mesh, `_split`'s four) for operands sharded over a mesh, else None."""
+  a, b = arg_shapes
+  if not all(isinstance(x.sharding, NamedSharding) for x in arg_shapes):
+    return None
+  return (a.sharding.mesh,) + _split(transpose_a, transpose_b,
+                                     a.sharding.spec, b.sharding.spec,
+                                     len(a.shape))
+
+
 def _partition(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
   """custom_partitioning's callback: each device multiplies its own shards;
   a contraction split over devices (x^T g with the batch's rows sharded) is
   summed across them."""
   del result_shape
-  a, b = arg_shapes
-  rank = len(a.shape)
-  if not all(isinstance(x.sharding, NamedSharding) for x in arg_shapes):
+  split = _mesh_split(transpose_a, transpose_b, arg_shapes)
+  if split is None:
     # No mesh to name axes by (shardings given as HLO shardings, not over a
     # mesh): every device computes the whole product, as XLA would.
     from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
-    whole = sharding_impls.GSPMDSharding.get_replicated(
-        a.sharding._device_assignment)  # pylint: disable=protected-access
+    devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
+    whole = sharding_impls.GSPMDSharding.get_replicated(devices)
     return mesh, functools.partial(
         _library_call, transpose_a=transpose_a, transpose_b=transpose_b
     ), whole, (whole, whole)
-  mesh = a.sharding.mesh
-  spec_a, spec_b, spec_out, k_axes = _split(
-      transpose_a, transpose_b, a.sharding.spec, b.sharding.spec, rank)
+  mesh, spec_a, spec_b, spec_out, k_axes = split
 
   def lower(x, y):
     out = _library_call(x, y, transpose_a, transpose_b)
@@ -259,14 +266,9 @@ def _partition(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
 
 
 def _infer_sharding(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
-  del result_shape
-  a, b = arg_shapes
-  if not all(isinstance(x.sharding, NamedSharding) for x in arg_shapes):
-    return None
-  mesh = a.sharding.mesh
-  spec_out = _split(transpose_a, transpose_b, a.sharding.spec,
-                    b.sharding.spec, len(a.shape))[2]
-  return NamedSharding(mesh, spec_out)
+  del mesh, result_shape
+  split = _mesh_split(transpose_a, transpose_b, arg_shapes)
+  return None if split is None else NamedSharding(split[0], split[3])
 
 
 def _sharding_rule(transpose_a, transpose_b, mesh, operand_types,
@@ -277,10 +279,7 @@ def _sharding_rule(transpose_a, transpose_b, mesh, operand_types,
   return f'... {a}, ... {b} -> ... m n', {'reduction_factors': ('k',)}
 
 
-# Under jax.jit with sharded operands (experiments/parallel.py's data
-# parallelism, or any mesh), XLA cannot see into the FFI call and would give
-# every device the whole product; this tells its partitioner that each
-# device multiplies its own shards.
+# (The module's docstring says why: XLA cannot see into the FFI call.)
 _partitioned_call = custom_partitioning(_library_call, static_argnums=(2, 3))
 _partitioned_call.def_partition(
     _partition, infer_sharding_from_operands=_infer_sharding,
