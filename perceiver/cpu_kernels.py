@@ -296,64 +296,19 @@ def _factored_projection_bwd(widths, residuals, gs):
 _factored_projection.defvjp(_factored_projection_fwd, _factored_projection_bwd)
 
 
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T) v over the last two axes (q already scaled), the softmax
-  in float32 or wider: q [..., N, Q], k [..., M, Q], v [..., M, V] ->
-  [..., N, V].
-
-  Every product is a perceiver.native matmul reading its operands as stored
-  (transposed in place where the product needs it), and the softmax is
-  normalised after the weighted sum (on [.., V] rather than [.., M]). The
-  gradient is the usual one (dS = P (dP - rowsum(dO O))), written out as
-  products of the residuals as stored.
-  """
-  return _softmax_attention_fwd(q, k, v)[0]
-
-
-def _softmax_attention_fwd(q, k, v):
-  logits = native.matmul(q, k, transpose_b=True)  # [.., N, M]
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  row_max = logits.max(axis=-1, keepdims=True)
-  exp = jnp.exp(logits - row_max)  # [.., N, M]
-  total = exp.sum(axis=-1, keepdims=True)  # [.., N, 1]
-  unnormalised = exp.astype(v.dtype)
-  out = (native.matmul(unnormalised, v) / total).astype(v.dtype)  # [.., N, V]
-  return out, (q, k, v, unnormalised, total, out)
-
-
-def _softmax_attention_bwd(residuals, g):
-  q, k, v, unnormalised, total, out = residuals
-  g_scaled = (g / total).astype(v.dtype)  # dO / rowsum: P = U / rowsum
-  d_v = native.matmul(unnormalised, g_scaled, transpose_a=True)  # P^T dO
-  # dS = P (dP - rowsum(dO O)) = U (dO/rowsum V^T - rowsum(dO/rowsum O)),
-  # in the softmax's precision (float32 or wider).
-  wide = total.dtype
-  delta = jnp.sum(g_scaled.astype(wide) * out.astype(wide), axis=-1,
-                  keepdims=True)  # [.., N, 1]
-  d_p = native.matmul(g_scaled, v, transpose_b=True)  # [.., N, M]
-  d_s = (unnormalised.astype(wide) * (d_p.astype(wide) - delta)).astype(
-      q.dtype)
-  d_q = native.matmul(d_s, k)  # [.., N, Q]
-  d_k = native.matmul(d_s, q, transpose_a=True)  # [.., M, Q]
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
            return_logits: bool = True):
   """attention.attend (token-major, one or more heads) through
-  `softmax_attention` in the head-major layout (a free reshape for one
-  head). q [B, N, H, Q], k [B, M, H, Q], v [B, M, H, V] ->
-  ([B, N, H, V], the [B, H, N, M] logits, or None without return_logits)."""
-  q = q * (1.0 / math.sqrt(q.shape[-1]))
-  head_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, H, T, W]
-  out = softmax_attention(head_major(q), head_major(k), head_major(v))
-  logits = (jnp.einsum('bnhq,bmhq->bhnm', q, k) if return_logits
+  `native.attention`, which reads the heads in place. q [B, N, H, Q],
+  k [B, M, H, Q], v [B, M, H, V] -> ([B, N, H, V], the [B, H, N, M] logits,
+  or None without return_logits)."""
+  b, n, h, width = q.shape
+  scale = 1.0 / math.sqrt(width)
+  rows = lambda x: x.reshape(x.shape[:2] + (-1,))  # [B, T, H * W], free
+  out = native.attention(rows(q), rows(k), rows(v), num_heads=h, scale=scale)
+  logits = (jnp.einsum('bnhq,bmhq->bhnm', q * scale, k) if return_logits
             else None)  # [B, H, N, M]
-  return head_major(out), logits  # [B, N, H, V]
+  return out.reshape(b, n, h, -1), logits  # [B, N, H, V]
 
 
 def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
@@ -362,19 +317,13 @@ def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
   -> [B, N, H * V], before the output projection.
 
   hk.Linear parameters 'query', 'key', 'value' as the plain path's, applied
-  as one fused matmul; with equal Q/K and V widths, attention in the
-  head-major layout (canonical batched matmuls over B and H).
+  as one fused matmul whose output `native.self_attention` reads (and whose
+  gradient it writes) in place: no head is copied out.
   """
-  b, n, d = x.shape
+  d = x.shape[-1]
   h, qk, vc = num_heads, qk_channels, v_channels
   w, bias = _fuse([byte_array.linear_params(name, d, width) for name, width
                    in (('query', qk), ('key', qk), ('value', vc))])
   qkv = linear(x, w, bias)  # [B, N, 2QK + V], one matmul
-  if qk != vc:
-    q, k, v = (y.reshape(b, n, h, -1)
-               for y in _column_blocks(qkv, (qk, qk, vc)))  # [B, N, H, *]
-    return attend(q, k, v, return_logits=False)[0].reshape(b, n, vc)
-  q, k, v = qkv.reshape(b, n, 3, h, qk // h).transpose(2, 0, 3, 1, 4)
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  out = softmax_attention(q * scale, k, v)  # [B, H, N, V]
-  return out.transpose(0, 2, 1, 3).reshape(b, n, vc)  # [B, N, H * V]
+  return native.self_attention(qkv, num_heads=h, qk_width=qk,
+                               scale=1.0 / math.sqrt(qk // h))  # [B, N, V]

@@ -1,4 +1,5 @@
-"""perceiver/native: the FFI batched matmul against XLA's dot_general."""
+"""perceiver/native: the FFI batched matmul against XLA's dot_general, the
+fused attention against the paper's attention in jax.numpy."""
 
 import os
 import subprocess
@@ -10,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver import cpu_kernels
 from perceiver import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,24 +106,131 @@ def test_hlo_flops_counts_the_calls():
   assert native.hlo_flops(compiled.as_text()) == 2 * 5 * 6 * 7 * 8
 
 
-def test_softmax_attention_equals_plain_attention_in_float64():
+def _plain_attention(q, k, v, num_heads, scale):
+  """Multi-head attention on [B, T, H * W] rows, as the paper writes it."""
+  split = lambda x: x.reshape(x.shape[:2] + (num_heads, -1))
+  weights = jax.nn.softmax(
+      jnp.einsum('bnhq,bmhq->bhnm', split(q), split(k)) * scale, axis=-1)
+  out = jnp.einsum('bhnm,bmhv->bnhv', weights, split(v))
+  return out.reshape(out.shape[:2] + (-1,))
+
+
+def _attention_operands(b, n, m, h, dq, dv, dtype, seed=3):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(keys[0], (b, n, h * dq), dtype),
+          jax.random.normal(keys[1], (b, m, h * dq), dtype),
+          jax.random.normal(keys[2], (b, m, h * dv), dtype),
+          jax.random.normal(keys[3], (b, n, h * dv), dtype))
+
+
+# Shapes cover: several heads of unequal q/k and v widths; more keys than one
+# tile of the kernel (1,024: the online softmax across tiles) and more query
+# rows than one block (256); fewer (element, head) pairs than threads (the
+# backward pass splits the keys and sums the parts' dq); one query.
+ATTENTION_SHAPES = [(2, 5, 7, 3, 4, 6), (1, 300, 2100, 1, 10, 20),
+                    (3, 40, 70, 2, 8, 8), (2, 1, 9, 2, 3, 5)]
+
+
+@pytest.mark.parametrize('b,n,m,h,dq,dv', ATTENTION_SHAPES)
+def test_attention_equals_plain_attention_in_float64(b, n, m, h, dq, dv):
   with jax.enable_x64(True):
-    keys = jax.random.split(jax.random.key(3), 4)
-    q = jax.random.normal(keys[0], (2, 3, 5, 4), jnp.float64)
-    k = jax.random.normal(keys[1], (2, 3, 7, 4), jnp.float64)
-    v = jax.random.normal(keys[2], (2, 3, 7, 6), jnp.float64)
-
-    def plain(q, k, v):
-      weights = jax.nn.softmax(jnp.einsum('...nq,...mq->...nm', q, k), -1)
-      return jnp.einsum('...nm,...mv->...nv', weights, v)
-
-    np.testing.assert_allclose(cpu_kernels.softmax_attention(q, k, v),
-                               plain(q, k, v), rtol=1e-12)
-    g = jax.random.normal(keys[3], (2, 3, 5, 6), jnp.float64)
-    got = jax.vjp(cpu_kernels.softmax_attention, q, k, v)[1](g)
+    q, k, v, g = _attention_operands(b, n, m, h, dq, dv, jnp.float64)
+    scale = 1.0 / np.sqrt(dq)
+    fused = lambda q, k, v: native.attention(q, k, v, num_heads=h,
+                                             scale=scale)
+    plain = lambda q, k, v: _plain_attention(q, k, v, h, scale)
+    assert 'perceiver_attention_forward_f64' in jax.jit(fused).lower(
+        q, k, v).as_text()
+    np.testing.assert_allclose(jax.jit(fused)(q, k, v), plain(q, k, v),
+                               rtol=1e-12, atol=1e-13)
+    got = jax.jit(lambda *x: jax.vjp(fused, *x)[1](g))(q, k, v)
     want = jax.vjp(plain, q, k, v)[1](g)
     for x, y in zip(got, want):
-      np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+      np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize('b,n,m,h,dq,dv', ATTENTION_SHAPES)
+def test_attention_in_float32_is_float64_to_rounding(b, n, m, h, dq, dv):
+  q, k, v, g = _attention_operands(b, n, m, h, dq, dv, jnp.float32)
+  fused = lambda q, k, v: native.attention(q, k, v, num_heads=h, scale=0.3)
+  out, vjp = jax.vjp(jax.jit(fused), q, k, v)
+  with jax.enable_x64(True):
+    wide = [np.asarray(x, np.float64) for x in (q, k, v, g)]
+    plain = lambda q, k, v: _plain_attention(q, k, v, h, 0.3)
+    want_out, want_vjp = jax.vjp(plain, *wide[:3])
+    want = want_vjp(wide[3])
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, want_out, rtol=2e-5, atol=2e-6)
+  for x, y in zip(vjp(g), want):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+
+
+def test_self_attention_reads_and_writes_the_packed_layout():
+  with jax.enable_x64(True):
+    b, n, h, dq, dv = 2, 6, 2, 3, 5
+    q, k, v, g = _attention_operands(b, n, n, h, dq, dv, jnp.float64)
+    qkv = jnp.concatenate([q, k, v], axis=-1)
+    fused = lambda qkv: native.self_attention(qkv, num_heads=h,
+                                              qk_width=h * dq, scale=0.5)
+    plain = lambda qkv: _plain_attention(
+        qkv[..., :h * dq], qkv[..., h * dq:2 * h * dq], qkv[..., 2 * h * dq:],
+        h, 0.5)
+    text = jax.jit(lambda x: jax.vjp(fused, x)[1](g)).lower(qkv).as_text()
+    assert 'perceiver_attention_packed_f64' in text
+    np.testing.assert_allclose(jax.jit(fused)(qkv), plain(qkv), rtol=1e-12)
+    got = jax.jit(lambda x: jax.vjp(fused, x)[1](g))(qkv)[0]
+    np.testing.assert_allclose(got, jax.vjp(plain, qkv)[1](g)[0],
+                               rtol=1e-11, atol=1e-12)
+
+
+def test_attention_gradients_to_second_order():
+  with jax.enable_x64(True):
+    q, k, v, _ = _attention_operands(2, 3, 4, 2, 2, 3, jnp.float64)
+    fused = lambda q, k, v: native.attention(q, k, v, num_heads=2, scale=0.7)
+    jtu.check_grads(fused, (q, k, v), order=2, modes=['rev'])
+    qkv = jnp.concatenate([q, q[::-1], q], axis=-1)
+    packed = lambda x: native.self_attention(x, num_heads=2, qk_width=4)
+    jtu.check_grads(packed, (qkv,), order=2, modes=['rev'])
+
+
+def test_attention_under_vmap():
+  q, k, v, _ = _attention_operands(3, 4, 5, 2, 3, 3, jnp.float32)
+  stack = lambda x: jnp.stack([x, 2 * x])  # a mapped axis before B
+  f = lambda q, k, v: native.attention(q, k, v, num_heads=2, scale=0.5)
+  out = jax.jit(jax.vmap(f, in_axes=(0, 0, None)))(stack(q), stack(k), v)
+  for i, scale in enumerate((1.0, 2.0)):
+    np.testing.assert_allclose(
+        out[i], _plain_attention(q * scale, k * scale, v, 2, 0.5), rtol=1e-5,
+        atol=1e-6)
+
+
+def test_attention_shapes_that_do_not_fit_name_the_problem():
+  x = jnp.ones((2, 3, 8))
+  with pytest.raises(ValueError, match='must be \\[B, T, W\\]'):
+    native.attention(jnp.ones((3, 8)), x, x)
+  with pytest.raises(ValueError, match='does not split into num_heads=3'):
+    native.attention(x, x, x, num_heads=3)
+  with pytest.raises(ValueError, match='needs q \\[B, N, H Dq\\]'):
+    native.attention(x, jnp.ones((2, 4, 6)), jnp.ones((2, 4, 8)))
+  with pytest.raises(ValueError, match='does not hold q and k'):
+    native.self_attention(x, num_heads=1, qk_width=4)
+
+
+def test_hlo_flops_counts_attention():
+  b, n, m, h, dq, dv = 2, 5, 7, 3, 4, 6
+  q, k, v, g = _attention_operands(b, n, m, h, dq, dv, jnp.float32)
+  f = lambda q, k, v: native.attention(q, k, v, num_heads=h)
+  forward = jax.jit(f).lower(q, k, v).compile().as_text()
+  assert native.hlo_flops(forward) == 2 * b * h * n * m * (dq + dv)
+  both = jax.jit(lambda *x: jax.vjp(f, *x)[1](g)).lower(
+      q, k, v).compile().as_text()
+  assert native.hlo_flops(both) == 2 * b * h * n * m * (
+      (dq + dv) + (3 * dq + 2 * dv))
+  qkv = jnp.ones((b, n, h * (2 * dq + dv)))
+  packed = lambda x: native.self_attention(x, num_heads=h, qk_width=h * dq)
+  text = jax.jit(lambda x: jax.vjp(packed, x)[1](g)).lower(
+      qkv).compile().as_text()
+  assert native.hlo_flops(text) == 2 * b * h * n * n * (4 * dq + 3 * dv)
 
 
 def _run(code: str, **env):
@@ -236,11 +343,14 @@ def run(devices):
   mesh = Mesh(np.array(devices), ('data',))
   args = (jax.device_put(params, NamedSharding(mesh, P())),
           jax.device_put(x, NamedSharding(mesh, P('data'))))
-  return (native.hlo_flops(grad.lower(*args).compile().as_text()),
-          grad(*args))
-flops_1, grads_1 = run(jax.devices()[:1])
-flops_8, grads_8 = run(jax.devices())
+  text = grad.lower(*args).compile().as_text()
+  return native.hlo_flops(text), grad(*args), text
+flops_1, grads_1, _ = run(jax.devices()[:1])
+flops_8, grads_8, text_8 = run(jax.devices())
 assert flops_1 > 0 and flops_8 * 8 == flops_1, (flops_8, flops_1)
+# the attention kernels ran on each device's own examples, nothing gathered
+assert 'perceiver_attention_packed_f64' in text_8
+assert 'all-gather' not in text_8, text_8
 for got, want in zip(jax.tree.leaves(grads_8), jax.tree.leaves(grads_1)):
   assert got.dtype == jnp.float64
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)

@@ -1,363 +1,57 @@
-"""Batched matrix products on XLA:CPU through a small FFI library.
+"""Batched matrix products and fused attention on XLA:CPU through a small
+FFI library.
 
   from perceiver import native
   c = native.matmul(a, b, transpose_b=True)   # a [..., m, k], b [..., n, k]
+  o = native.attention(q, k, v, num_heads=8, scale=0.125)   # [B, T, H D]
+  o = native.self_attention(qkv, num_heads=8, qk_width=512, scale=0.125)
 
 `matmul(a, b, transpose_a, transpose_b)` is op(a) @ op(b) over matching
 leading axes (op = identity or the transpose of the last two axes). On the CPU
 it runs batched_matmul.cc: OpenBLAS GEMMs spread over XLA's intra-op thread
 pool (jaxlib 0.10.2's XLA:CPU runs multi-head attention's batched products on
-one thread; benchmarks/RESULTS.md). Elsewhere (GPU, TPU: a host whose default
-backend is not the CPU does not build it), for dtypes other than float32 and
-float64, and when the library is not available, it is the same product as
-`jax.lax.dot_general`. Its gradient is the usual one, in the
-same products (tests/native_test.py checks both against XLA's).
+one thread; benchmarks/RESULTS.md). Its gradient is the usual one, in the
+same products.
 
-Under `jax.jit` over a device mesh, a `custom_partitioning` rule lets each
-device multiply its own shards (batch and row axes stay split; a contraction
-split over devices is summed across them with `psum`); XLA cannot see into
-the FFI call and would otherwise give every device the whole product.
+`attention(q, k, v, num_heads, scale)` is multi-head softmax(scale q k^T) v
+over token-major arrays [B, T, H D] (the heads read in place, as a linear
+layer writes them); `self_attention(qkv, ...)` the same for q, k and v side
+by side in one fused projection's output, its gradient written back in that
+layout. On the CPU both run fused_attention.cc: the logits and probabilities
+exist one cache-sized tile at a time, forward and backward (FlashAttention's
+scheme: the backward pass recomputes the probabilities from q, k and each
+query row's log-sum-exp instead of keeping them), so none of the
+[B, H, N, M] arrays is written to memory or kept for the backward pass, and
+no head is copied out of its rows.
+
+Elsewhere (GPU, TPU: a host whose default backend is not the CPU does not
+build the library), for other dtypes than float32 and float64, and when the
+library is not available, both are the same computations in XLA
+(tests/native_test.py checks each against the other and float64). Gradients
+of any order work; past the first, they are XLA's.
+
+Under `jax.jit` over a device mesh, `custom_partitioning` rules let each
+device compute on its own shards (batch and row axes stay split; a
+contraction split over devices is summed across them with `psum`): XLA
+cannot see into an FFI call and would otherwise give every device all of it.
 
 The library is compiled at first use with the C++ compiler ($CXX, else g++)
 against jaxlib's FFI headers and the scipy-openblas32 wheel
-(requirements.txt), into $PERCEIVER_NATIVE_CACHE (default
-~/.cache/perceiver/native), keyed by a hash of the source and the toolchain;
-a compile takes a few seconds, once. `PERCEIVER_NATIVE=0` turns it off. A
-failed build logs one warning naming the cause and falls back to XLA's dot.
+(requirements.txt), for the host's processor (-march=native), into
+$PERCEIVER_NATIVE_CACHE (default ~/.cache/perceiver/native), keyed by a hash
+of the sources, the toolchain and the processor's features; a compile takes
+a few seconds, once. `PERCEIVER_NATIVE=0` turns it off. A failed build logs
+one warning naming the cause and falls back to XLA.
 """
 
-from __future__ import annotations
-
-import ctypes
-import functools
-import hashlib
-import math
-import os
-import pathlib
-import re
-import shutil
-import subprocess
-import tempfile
-import threading
-
-from absl import logging
-import jax
-import jax.numpy as jnp
-from jax import custom_batching
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-_SOURCE = pathlib.Path(__file__).with_name('batched_matmul.cc')
-_TARGETS = {jnp.dtype(jnp.float32): 'perceiver_batched_matmul_f32',
-            jnp.dtype(jnp.float64): 'perceiver_batched_matmul_f64'}
-_SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
-            'perceiver_batched_matmul_f64': 'PerceiverBatchedMatmulF64'}
-_INT32_MAX = 2**31 - 1
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-class BuildError(RuntimeError):
-  """The library could not be compiled or loaded (the message says why)."""
-
-
-def _cache_dir() -> pathlib.Path:
-  if os.environ.get('PERCEIVER_NATIVE_CACHE'):
-    return pathlib.Path(os.environ['PERCEIVER_NATIVE_CACHE'])
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-  return pathlib.Path(base) / 'perceiver' / 'native'
-
-
-def _toolchain():
-  """(compiler, FFI include dir, OpenBLAS include dir, OpenBLAS lib dir)."""
-  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-  if not compiler:
-    raise BuildError('no C++ compiler (set CXX, or install g++)')
-  try:
-    import scipy_openblas32  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise BuildError('the scipy-openblas32 wheel is not installed '
-                     '(requirements.txt)') from e
-  return (compiler, jax.ffi.include_dir(), scipy_openblas32.get_include_dir(),
-          scipy_openblas32.get_lib_dir())
-
-
-def build() -> pathlib.Path:
-  """Compiles batched_matmul.cc (if not cached) and returns the library."""
-  compiler, ffi_include, blas_include, blas_lib = _toolchain()
-  source = _SOURCE.read_bytes()
-  key = hashlib.sha256(b'\0'.join(
-      [source, compiler.encode(), ffi_include.encode(), blas_include.encode(),
-       blas_lib.encode(), jax.__version__.encode()])).hexdigest()[:16]
-  path = _cache_dir() / f'libperceiver_native_{key}.so'
-  if path.exists():
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-    out = pathlib.Path(tmp) / path.name
-    command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-w',
-               f'-I{ffi_include}', f'-I{blas_include}', str(_SOURCE),
-               f'-L{blas_lib}', '-lscipy_openblas', f'-Wl,-rpath,{blas_lib}',
-               '-o', str(out)]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            check=False)
-    if result.returncode:
-      lines = result.stderr.strip().splitlines() or ['(no output)']
-      first = next((l for l in lines if 'error' in l), lines[-1])
-      raise BuildError(f'{compiler} failed on {_SOURCE.name}: {first}')
-    os.replace(out, path)  # atomic: concurrent builds leave one whole file
-  return path
-
-
-def _load():
-  """Builds, loads and registers the library once; False if unavailable."""
-  with _lock:
-    if 'ok' in _state:
-      return _state['ok']
-    _state['ok'] = False
-    if os.environ.get('PERCEIVER_NATIVE', '1') == '0':
-      _state['why'] = 'PERCEIVER_NATIVE=0'
-      return False
-    try:
-      library = ctypes.CDLL(str(build()))
-      library.PerceiverBlasSingleThreaded()
-      for target, symbol in _SYMBOLS.items():
-        jax.ffi.register_ffi_target(
-            target, jax.ffi.pycapsule(getattr(library, symbol)),
-            platform='cpu')
-    except (BuildError, OSError, AttributeError) as e:
-      _state['why'] = str(e)
-      logging.warning('perceiver.native unavailable, using XLA\'s dot: %s', e)
-      return False
-    _state['library'] = library
-    _state['ok'] = True
-    return True
-
-
-def available() -> bool:
-  """Whether the CPU library is built and registered (builds it if needed)."""
-  return _load()
-
-
-def why_unavailable() -> str | None:
-  """The reason `available()` is False, or None."""
-  return None if _load() else str(_state.get('why'))
-
-
-_CALL = re.compile(
-    r'= \w+\[([\d,]*)\]\S* custom-call\(.*?custom_call_target='
-    r'"perceiver_batched_matmul_f(?:32|64)".*?operand_layout_constraints='
-    r'\{\w+\[([\d,]*)\]\S*, .*?transpose_a = (true|false)')
-
-
-def hlo_flops(hlo_text: str) -> float:
-  """FLOPs of this library's calls in a compiled module's HLO text (2 per
-  multiply-add). XLA's cost analysis does not see into custom calls: add
-  this to `compiled.cost_analysis()['flops']` for the module's total."""
-  dims = lambda text: [int(d) for d in text.split(',') if d]
-  total = 0
-  for match in _CALL.finditer(hlo_text):
-    out, a, transpose_a = match.groups()
-    k = dims(a)[-2] if transpose_a == 'true' else dims(a)[-1]
-    total += 2 * math.prod(dims(out)) * k
-  return float(total)
-
-
-def _out_shape(a, b, transpose_a, transpose_b):
-  if a.ndim < 2 or b.ndim < 2:
-    raise ValueError(f'matmul: operands need 2 or more axes; got a {a.shape},'
-                     f' b {b.shape}.')
-  m, k = a.shape[-2:][::-1] if transpose_a else a.shape[-2:]
-  k_b, n = b.shape[-2:][::-1] if transpose_b else b.shape[-2:]
-  if a.shape[:-2] != b.shape[:-2] or k != k_b:
-    raise ValueError(
-        f'matmul: op(a) @ op(b) needs the same leading axes and contracting '
-        f'sizes; got a {a.shape} (transpose_a={transpose_a}), b {b.shape} '
-        f'(transpose_b={transpose_b}).')
-  return a.shape[:-2] + (m, n)
-
-
-def _xla_product(a, b, transpose_a, transpose_b):
-  batch = tuple(range(a.ndim - 2))
-  contract_a = a.ndim - 2 if transpose_a else a.ndim - 1
-  contract_b = b.ndim - 1 if transpose_b else b.ndim - 2
-  # dot_general puts a's free axis before b's: [..., m, n] as asked.
-  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)),
-                                    (batch, batch)))
-
-
-def _library_call(a, b, transpose_a: bool, transpose_b: bool):
-  """The FFI call on arrays as they are (one device's shard, or all)."""
-  call = jax.ffi.ffi_call(
-      _TARGETS[jnp.dtype(a.dtype)],
-      jax.ShapeDtypeStruct(_out_shape(a, b, transpose_a, transpose_b),
-                           a.dtype))
-  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
-
-
-def _axes(transpose_a, transpose_b, rank):
-  """(m, k) axes of a and (k, n) axes of b, counted from the front."""
-  m_a, k_a = (rank - 1, rank - 2) if transpose_a else (rank - 2, rank - 1)
-  k_b, n_b = (rank - 1, rank - 2) if transpose_b else (rank - 2, rank - 1)
-  return m_a, k_a, k_b, n_b
-
-
-def _split(transpose_a, transpose_b, a_spec, b_spec, rank):
-  """How each device's product is laid out over the mesh: the specs asked of
-  a, b and the result, and the mesh axes over which the contraction is split.
-
-  Batch axes follow a's sharding, m a's, n b's, k a's (b is resharded to
-  match); a mesh axis already used by an earlier of those is dropped."""
-  pad = lambda spec: tuple(spec) + (None,) * (rank - len(tuple(spec)))
-  a_spec, b_spec = pad(a_spec), pad(b_spec)
-  m_a, k_a, k_b, n_b = _axes(transpose_a, transpose_b, rank)
-  used = set()
-
-  def take(entry):
-    names = () if entry is None else (
-        (entry,) if isinstance(entry, str) else tuple(entry))
-    kept = tuple(n for n in names if n not in used)
-    used.update(kept)
-    return kept[0] if len(kept) == 1 else (kept or None)
-
-  batch = [take(a_spec[i]) for i in range(rank - 2)]
-  m, k, n = take(a_spec[m_a]), take(a_spec[k_a]), take(b_spec[n_b])
-  spec_a, spec_b = batch + [None, None], batch + [None, None]
-  spec_a[m_a], spec_a[k_a], spec_b[k_b], spec_b[n_b] = m, k, k, n
-  k_axes = () if k is None else ((k,) if isinstance(k, str) else k)
-  return P(*spec_a), P(*spec_b), P(*batch, m, n), k_axes
-
-
-def _mesh_split(transpose_a, transpose_b, arg_shapes):
-  """(mesh, `_split`'s four) for operands sharded over a mesh, else None."""
-  a, b = arg_shapes
-  if not all(isinstance(x.sharding, NamedSharding) for x in arg_shapes):
-    return None
-  return (a.sharding.mesh,) + _split(transpose_a, transpose_b,
-                                     a.sharding.spec, b.sharding.spec,
-                                     len(a.shape))
-
-
-def _partition(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
-  """custom_partitioning's callback: each device multiplies its own shards;
-  a contraction split over devices (x^T g with the batch's rows sharded) is
-  summed across them."""
-  del result_shape
-  split = _mesh_split(transpose_a, transpose_b, arg_shapes)
-  if split is None:
-    # No mesh to name axes by (shardings given as HLO shardings, not over a
-    # mesh): every device computes the whole product, as XLA would.
-    from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
-    devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
-    whole = sharding_impls.GSPMDSharding.get_replicated(devices)
-    return mesh, functools.partial(
-        _library_call, transpose_a=transpose_a, transpose_b=transpose_b
-    ), whole, (whole, whole)
-  mesh, spec_a, spec_b, spec_out, k_axes = split
-
-  def lower(x, y):
-    out = _library_call(x, y, transpose_a, transpose_b)
-    return jax.lax.psum(out, k_axes) if k_axes else out
-
-  named = lambda spec: NamedSharding(mesh, spec)
-  return mesh, lower, named(spec_out), (named(spec_a), named(spec_b))
-
-
-def _infer_sharding(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
-  del mesh, result_shape
-  split = _mesh_split(transpose_a, transpose_b, arg_shapes)
-  return None if split is None else NamedSharding(split[0], split[3])
-
-
-def _sharding_rule(transpose_a, transpose_b, mesh, operand_types,
-                   result_types):
-  del mesh, operand_types, result_types
-  a = 'k m' if transpose_a else 'm k'
-  b = 'n k' if transpose_b else 'k n'
-  return f'... {a}, ... {b} -> ... m n', {'reduction_factors': ('k',)}
-
-
-# (The module's docstring says why: XLA cannot see into the FFI call.)
-_partitioned_call = custom_partitioning(_library_call, static_argnums=(2, 3))
-_partitioned_call.def_partition(
-    _partition, infer_sharding_from_operands=_infer_sharding,
-    sharding_rule=_sharding_rule)
-
-
-@functools.cache
-def _cpu_product(transpose_a: bool, transpose_b: bool):
-  """The partitioned call for one pair of flags, with its vmap rule: the
-  mapped axis becomes a leading (batch) axis of both operands."""
-
-  @custom_batching.custom_vmap
-  def product(a, b):
-    return _partitioned_call(a, b, transpose_a, transpose_b)
-
-  @product.def_vmap
-  def product_vmap(axis_size, in_batched, a, b):
-    a_batched, b_batched = in_batched
-    if not a_batched:
-      a = jnp.broadcast_to(a, (axis_size,) + a.shape)
-    if not b_batched:
-      b = jnp.broadcast_to(b, (axis_size,) + b.shape)
-    return product(a, b), True
-
-  return product
-
-
-def _product(a, b, transpose_a: bool, transpose_b: bool):
-  """op(a) @ op(b): the library on the CPU, XLA's dot elsewhere."""
-  _out_shape(a, b, transpose_a, transpose_b)  # checks the shapes
-  target = _TARGETS.get(jnp.dtype(a.dtype))
-  if (target is None or a.dtype != b.dtype
-      or max(a.shape[-2:] + b.shape[-2:]) > _INT32_MAX
-      or jax.default_backend() != 'cpu' or not _load()):
-    # (On a GPU or TPU host the library is not even built.)
-    return _xla_product(a, b, transpose_a, transpose_b)
-  return jax.lax.platform_dependent(
-      a, b,
-      cpu=_cpu_product(transpose_a, transpose_b),
-      default=lambda x, y: _xla_product(x, y, transpose_a, transpose_b))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(a, b, transpose_a, transpose_b):
-  return _product(a, b, transpose_a, transpose_b)
-
-
-def _matmul_fwd(a, b, transpose_a, transpose_b):
-  # _matmul, not _product: under a second derivative this is differentiated.
-  return _matmul(a, b, transpose_a, transpose_b), (a, b)
-
-
-def _matmul_bwd(transpose_a, transpose_b, residuals, g):
-  """With X = op(a), Y = op(b): dX = g Y^T, dY = X^T g, each in one product
-  of the operands as stored (itself differentiable: higher orders work)."""
-  a, b = residuals
-  if transpose_a:  # da = dX^T = Y g^T
-    da = _matmul(b, g, transpose_b, True)
-  else:  # da = g Y^T
-    da = _matmul(g, b, False, not transpose_b)
-  if transpose_b:  # db = dY^T = g^T X
-    db = _matmul(g, a, True, transpose_a)
-  else:  # db = X^T g
-    db = _matmul(a, g, not transpose_a, False)
-  return da.astype(a.dtype), db.astype(b.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
-           transpose_b: bool = False) -> jax.Array:
-  """op(a) @ op(b) over matching leading axes: [..., m, n].
-
-  Args:
-    a: [..., m, k], or [..., k, m] with transpose_a.
-    b: [..., k, n], or [..., n, k] with transpose_b.
-    transpose_a: contract a's second-last axis instead of its last.
-    transpose_b: contract b's last axis instead of its second-last.
-  """
-  return _matmul(a, b, bool(transpose_a), bool(transpose_b))
+from perceiver.native.batched_matmul import matmul
+from perceiver.native.fused_attention import attention
+from perceiver.native.fused_attention import self_attention
+from perceiver.native.library import available
+from perceiver.native.library import build
+from perceiver.native.library import BuildError
+from perceiver.native.library import hlo_flops
+from perceiver.native.library import why_unavailable
+
+__all__ = ['attention', 'available', 'build', 'BuildError', 'hlo_flops',
+           'matmul', 'self_attention', 'why_unavailable']

@@ -14,40 +14,16 @@
 // elements, or of row or column blocks of C when there are fewer elements
 // than threads;
 // threads claim chunks from a counter, and the caller waits only for chunks
-// that are already running, so a busy pool cannot deadlock it.
+// that are already running, so a busy pool cannot deadlock it (common.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
-#include "cblas.h"
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
-namespace ffi = xla::ffi;
-
+namespace perceiver {
 namespace {
-
-template <typename T>
-void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a,
-          int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
-  const auto trans_a = ta ? CblasTrans : CblasNoTrans;
-  const auto trans_b = tb ? CblasTrans : CblasNoTrans;
-  if constexpr (sizeof(T) == 4) {
-    scipy_cblas_sgemm(CblasRowMajor, trans_a, trans_b, m, n, k, 1.0f, a, lda,
-                      b, ldb, 0.0f, c, ldc);
-  } else {
-    scipy_cblas_dgemm(CblasRowMajor, trans_a, trans_b, m, n, k, 1.0, a, lda,
-                      b, ldb, 0.0, c, ldc);
-  }
-}
-
-struct Progress {
-  std::atomic<int64_t> next{0};  // the next unclaimed chunk
-  std::atomic<int64_t> done{0};  // chunks finished
-};
 
 template <ffi::DataType D>
 ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
@@ -105,44 +81,35 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
     const T* b_i = pb + i * b0 * b1;
     T* c_i = pc + i * m * n;
     if (by_rows) {  // rows of op(A): rows of A, or columns when transposed
-      Gemm<T>(transpose_a, transpose_b, count, n, k,
-              a_i + (transpose_a ? start : start * a1), a1, b_i, b1,
+      Gemm<T>(transpose_a, transpose_b, count, n, k, T(1),
+              a_i + (transpose_a ? start : start * a1), a1, b_i, b1, T(0),
               c_i + start * n, n);
     } else {  // columns of op(B): columns of B, or rows when transposed
-      Gemm<T>(transpose_a, transpose_b, m, count, k, a_i, a1,
-              b_i + (transpose_b ? start * b1 : start), b1, c_i + start, n);
+      Gemm<T>(transpose_a, transpose_b, m, count, k, T(1), a_i, a1,
+              b_i + (transpose_b ? start * b1 : start), b1, T(0), c_i + start,
+              n);
     }
   };
-  auto progress = std::make_shared<Progress>();
-  auto work = [=] {
-    for (int64_t chunk; (chunk = progress->next.fetch_add(1)) < chunks;) {
-      run(chunk);
-      progress->done.fetch_add(1);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) {
-    pool.Schedule(decltype(work)(work));  // each task its own copy
-  }
-  work();
-  // Every chunk is claimed now; wait for those other threads are running.
-  while (progress->done.load() < chunks) std::this_thread::yield();
+  ParallelFor(pool, chunks, run);
   return ffi::Error::Success();
 }
 
 }  // namespace
+}  // namespace perceiver
 
-#define PERCEIVER_DEFINE_BATCHED_MATMUL(name, dtype)                \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, BatchedMatmul<dtype>,         \
-                                ffi::Ffi::Bind()                    \
-                                    .Ctx<ffi::ThreadPool>()         \
-                                    .Arg<ffi::Buffer<dtype>>()      \
-                                    .Arg<ffi::Buffer<dtype>>()      \
-                                    .Ret<ffi::Buffer<dtype>>()      \
-                                    .Attr<bool>("transpose_a")      \
-                                    .Attr<bool>("transpose_b"));
+#define PERCEIVER_DEFINE_BATCHED_MATMUL(name, dtype)            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                \
+      name, perceiver::BatchedMatmul<dtype>,                    \
+      xla::ffi::Ffi::Bind()                                     \
+          .Ctx<xla::ffi::ThreadPool>()                          \
+          .Arg<xla::ffi::Buffer<dtype>>()                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                       \
+          .Ret<xla::ffi::Buffer<dtype>>()                       \
+          .Attr<bool>("transpose_a")                            \
+          .Attr<bool>("transpose_b"));
 
-PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF32, ffi::F32)
-PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF64, ffi::F64)
+PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF32, xla::ffi::F32)
+PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF64, xla::ffi::F64)
 
 // OpenBLAS's own threads off: the work is already spread over XLA's pool.
 extern "C" void PerceiverBlasSingleThreaded() {
