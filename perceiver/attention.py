@@ -23,7 +23,6 @@ hk.LayerNorm's under the names used here ('query', 'key', 'value', ...).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import haiku as hk
@@ -54,12 +53,22 @@ def _at_least_f32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _modules(cpu_kernels: bool):
-  """The (Linear, LayerNorm) module constructors of the chosen path."""
+def _linear(cpu_kernels: bool):
+  """The Linear module constructor of the chosen path."""
+  return kernels.Linear if cpu_kernels else hk.Linear
+
+
+def _normalized_linear(x: jax.Array, size: int, *, norm_name: str,
+                       linear_name: str, cpu_kernels: bool) -> jax.Array:
+  """Linear(LN(x)): hk.LayerNorm's parameters under `norm_name`, then
+  hk.Linear's under `linear_name` (both made in that order on either path)."""
   if cpu_kernels:
-    return kernels.Linear, kernels.LayerNorm
-  return hk.Linear, functools.partial(hk.LayerNorm, axis=-1, create_scale=True,
-                                      create_offset=True)
+    return kernels.normalized_linear(
+        x, *byte_array.layer_norm_params(norm_name, x.shape[-1]),
+        *byte_array.linear_params(linear_name, x.shape[-1], size))
+  x = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
+                   name=norm_name)(x)
+  return hk.Linear(size, name=linear_name)(x)
 
 
 def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -90,12 +99,14 @@ class MLP(hk.Module):
     self._cpu_kernels = cpu_kernels
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    linear, layer_norm = _modules(self._cpu_kernels)
     d = x.shape[-1]
-    h = layer_norm(name='layer_norm')(x)
-    gelu = kernels.gelu if self._cpu_kernels else jax.nn.gelu
-    h = gelu(linear(self._widening_factor * d, name='hidden')(h))
-    return x + linear(d, name='output')(h)  # [..., D]
+    wd = self._widening_factor * d
+    h = _normalized_linear(x, wd, norm_name='layer_norm', linear_name='hidden',
+                           cpu_kernels=self._cpu_kernels)  # [..., wD]
+    if self._cpu_kernels:  # GELU and the output layer keep only h
+      return x + kernels.gelu_linear(
+          h, *byte_array.linear_params('output', wd, d))  # [..., D]
+    return x + hk.Linear(d, name='output')(jax.nn.gelu(h))  # [..., D]
 
 
 class CrossAttention(hk.Module):
@@ -148,8 +159,8 @@ class CrossAttention(hk.Module):
     qk = self._qk_channels or min(c, d)
     vc = self._v_channels or qk
     _check_heads(h, qk, vc)
-    linear, layer_norm = _modules(self._cpu_kernels)
-    q = linear(qk, name='query')(layer_norm(name='query_layer_norm')(latents))
+    q = _normalized_linear(latents, qk, norm_name='query_layer_norm',
+                           linear_name='query', cpu_kernels=self._cpu_kernels)
     q = _split_heads(q, h)  # [B, N, H, Q]
 
     # K(LN(x)) and V(LN(x)) of the dense or factored byte array
@@ -177,7 +188,8 @@ class CrossAttention(hk.Module):
     else:
       out = chunked_attention.chunked_attend(
           q, inputs, project, chunk_size=self._chunk_size, v_channels=vc // h)
-    z = latents + linear(d, name='output')(out.reshape(b, n, vc))  # [B, N, D]
+    output = _linear(self._cpu_kernels)(d, name='output')
+    z = latents + output(out.reshape(b, n, vc))  # [B, N, D]
     z = MLP(widening_factor=self._widening_factor,
             cpu_kernels=self._cpu_kernels, name='mlp')(z)
     return (z, logits) if return_logits else z
@@ -213,16 +225,16 @@ class SelfAttention(hk.Module):
     qk = self._qk_channels or d
     vc = self._v_channels or qk
     _check_heads(h, qk, vc)
-    linear, layer_norm = _modules(self._cpu_kernels)
-    x = layer_norm(name='layer_norm')(z)  # [B, N, D]
-    if self._cpu_kernels:
-      out = kernels.self_attend(x, num_heads=h, qk_channels=qk,
+    if self._cpu_kernels:  # LN and the fused projection in one kernel
+      out = kernels.self_attend(z, num_heads=h, qk_channels=qk,
                                 v_channels=vc)  # [B, N, H * V]
     else:
-      q = _split_heads(linear(qk, name='query')(x), h)  # [B, N, H, Q]
-      k = _split_heads(linear(qk, name='key')(x), h)  # [B, N, H, Q]
-      v = _split_heads(linear(vc, name='value')(x), h)  # [B, N, H, V]
+      x = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
+                       name='layer_norm')(z)  # [B, N, D]
+      q = _split_heads(hk.Linear(qk, name='query')(x), h)  # [B, N, H, Q]
+      k = _split_heads(hk.Linear(qk, name='key')(x), h)  # [B, N, H, Q]
+      v = _split_heads(hk.Linear(vc, name='value')(x), h)  # [B, N, H, V]
       out = attend(q, k, v)[0].reshape(b, n, vc)  # [B, N, H * V]
-    z = z + linear(d, name='output')(out)  # [B, N, D]
+    z = z + _linear(self._cpu_kernels)(d, name='output')(out)  # [B, N, D]
     return MLP(widening_factor=self._widening_factor,
                cpu_kernels=self._cpu_kernels, name='mlp')(z)

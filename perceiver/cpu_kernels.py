@@ -13,23 +13,27 @@ of it is new mathematics; every function here equals its plain counterpart,
 outputs and gradients (tests/attention_test.py, tests/reference_test.py):
 
 - products through perceiver/native (OpenBLAS GEMMs on XLA's thread
-  pool, through the XLA FFI; XLA's own dot on other backends): attention's
-  batched per-head products, forward and backward (`softmax_attention`),
-  every product of the linear layers (`linear`: x w, g w^T, x^T g) and the
-  weight gradients of the factored projection, each reading its operands
-  transposed in place (jaxlib 0.10.2's XLA:CPU runs batched dots on one
-  thread, and a contraction over leading axes in a slower kernel);
+  pool, through the XLA FFI; XLA's own dot on other backends): every product
+  of the linear layers (`linear`: x w, g w^T, x^T g) and the weight gradients
+  of the factored projection, each reading its operands transposed in place
+  (jaxlib 0.10.2's XLA:CPU runs batched dots on one thread, and a
+  contraction over leading axes in a slower kernel); attention as
+  `native.attention` / `native.self_attention`, one fused kernel forward and
+  one backward that read the heads in place from the projections' rows and
+  never write the [B, H, N, M] logits or probabilities;
 - custom VJPs that sum over the batch the gradients of shared terms (biases,
   LayerNorm scales and offsets, the latents, position features) as a product
   with a ones vector when the summed array is large (`_sum_leading`);
-- LayerNorm's gradient written out and GELU recomputed in the backward pass,
-  so that each keeps one array of its input's size for the backward pass
-  (autodiff keeps three for a LayerNorm and five for a GELU;
-  benchmarks/RESULTS.md has what it saves);
+- LayerNorm folded into the linear layer it feeds (`normalized_linear`:
+  x-hat (scale W) + (offset W + b), the normalised array never formed) and
+  GELU into the one it feeds (`gelu_linear`, recomputed in the backward
+  pass), so that each pair keeps one array of its input's size for the
+  backward pass (autodiff keeps four for a LayerNorm and its linear layer,
+  six for a GELU and its linear layer; benchmarks/RESULTS.md has what it
+  saves);
 - fused projections (keys and values, or queries, keys and values, from one
-  matmul), the factored byte array's projection with a hand-written backward
-  that reads each cotangent once, and attention in the head-major layout
-  with the softmax normalised after the weighted sum.
+  matmul) and the factored byte array's projection with a hand-written
+  backward that reads each cotangent once.
 
 Which setting is faster depends on the backend and the jaxlib; measurements
 with the commands that produced them are in benchmarks/RESULTS.md.
@@ -125,49 +129,93 @@ def _linear_bwd(residuals, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-@jax.custom_vjp
-def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-  """hk.LayerNorm over the last axis (eps 1e-5), as a pure function.
-
-  The gradient is autodiff's, written out so that the forward pass keeps one
-  array of x's size (the normalised x-hat) and the inverse deviations:
-
-    dx = inv (g' - mean(g') - x-hat mean(g' x-hat)),  g' = g * scale,
-
-  the means over the last axis; d scale and d offset are the sums of
-  g * x-hat and g over the leading axes (`_sum_leading`).
-  """
-  return _layer_norm_fwd(x, scale, offset)[0]
-
-
-def _layer_norm_fwd(x, scale, offset):
+def _normalize(x):
+  """(x-hat [..., I], the inverse deviations [..., 1]) of hk.LayerNorm over
+  the last axis (eps 1e-5)."""
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
   inv = jax.lax.rsqrt(var + byte_array.LN_EPS)  # [..., 1]
-  normalized = (x - mean) * inv
-  return normalized * scale + offset, (normalized, inv, scale, offset)
+  return (x - mean) * inv, inv
 
 
-def _layer_norm_bwd(residuals, g):
-  normalized, inv, scale, offset = residuals
-  g_scaled = g * scale
-  dx = inv * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
-              - normalized * jnp.mean(g_scaled * normalized, axis=-1,
-                                      keepdims=True))
-  d_scale = _sum_leading(g * normalized, scale.shape)
-  d_offset = _sum_leading(g, offset.shape)
+def _layer_norm_input_gradient(normalized, inv, d_normalized):
+  """dx of LayerNorm from the gradient of x-hat."""
+  g = d_normalized
+  return inv * (g - jnp.mean(g, axis=-1, keepdims=True)
+                - normalized * jnp.mean(g * normalized, axis=-1,
+                                        keepdims=True))
+
+
+@jax.custom_vjp
+def normalized_linear(x: jax.Array, scale: jax.Array, offset: jax.Array,
+                      w: jax.Array, b: jax.Array) -> jax.Array:
+  """linear(layer_norm(x, scale, offset), w, b): a LayerNorm feeding a
+  linear layer, [..., I] -> [..., O], without the normalised array.
+
+  With W' = scale[:, None] W (as for the factored byte array,
+  perceiver/byte_array.py):
+
+    (x-hat scale + offset) W + b = x-hat W' + (offset W + b),
+
+  so the forward pass writes only x-hat (which the backward pass keeps, with
+  the inverse deviations) and the gradients come from G = x-hat^T g, [I, O]:
+
+    dW = scale[:, None] G + offset[:, None] db,  d scale = rowsum(W * G),
+    d offset = W db,  d x-hat = g W'^T,  db = the sum of g,
+
+  and dx = inv (d x-hat - mean(d x-hat) - x-hat mean(d x-hat x-hat)), the
+  means over the last axis (autodiff's LayerNorm gradient, written out): two
+  products, as for a linear layer, and no [..., I] array besides x-hat and
+  its gradient.
+  """
+  return _normalized_linear_fwd(x, scale, offset, w, b)[0]
+
+
+def _normalized_linear_fwd(x, scale, offset, w, b):
+  normalized, inv = _normalize(x)
+  w_scaled = scale[:, None] * w  # W'
+  out = _rows_product(normalized, w_scaled) + (offset @ w + b)
+  return out, (normalized, inv, scale, offset, w, w_scaled)
+
+
+def _normalized_linear_bwd(residuals, g):
+  normalized, inv, scale, offset, w, w_scaled = residuals
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  gram = native.matmul(rows(normalized), rows(g),
+                       transpose_a=True)  # x-hat^T g, [I, O]
+  db = _sum_leading(g, w.shape[1:])  # [O]
+  dw = scale[:, None] * gram + offset[:, None] * db
+  d_scale = jnp.sum(w * gram, axis=1)
+  d_offset = w @ db
+  d_normalized = _rows_product(g, w_scaled, transpose_w=True)  # [..., I]
+  dx = _layer_norm_input_gradient(normalized, inv, d_normalized)
   return (dx.astype(normalized.dtype), d_scale.astype(scale.dtype),
-          d_offset.astype(offset.dtype))
+          d_offset.astype(offset.dtype), dw.astype(w.dtype),
+          db.astype(w.dtype))
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+normalized_linear.defvjp(_normalized_linear_fwd, _normalized_linear_bwd)
 
 
-def gelu(x: jax.Array) -> jax.Array:
-  """jax.nn.gelu (tanh approximation) that keeps only its input for the
-  backward pass, recomputing the rest there (autodiff keeps five arrays of
-  x's size per call)."""
-  return jax.checkpoint(jax.nn.gelu)(x)
+@jax.custom_vjp
+def gelu_linear(h: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """linear(gelu(h), w, b), [..., I] -> [..., O], keeping only h for the
+  backward pass, which recomputes gelu(h) (for dW) and its derivative."""
+  return linear(jax.nn.gelu(h), w, b)
+
+
+def _gelu_linear_fwd(h, w, b):
+  return gelu_linear(h, w, b), (h, w, jnp.zeros((0,) + b.shape, b.dtype))
+
+
+def _gelu_linear_bwd(residuals, g):
+  h, w, b_carrier = residuals
+  activation, gelu_vjp = jax.vjp(jax.nn.gelu, h)
+  d_activation, dw, db = _linear_bwd((activation, w, b_carrier), g)
+  return gelu_vjp(d_activation)[0], dw, db
+
+
+gelu_linear.defvjp(_gelu_linear_fwd, _gelu_linear_bwd)
 
 
 class Linear(hk.Module):
@@ -180,14 +228,6 @@ class Linear(hk.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     w, b = byte_array.linear_params(None, x.shape[-1], self._output_size)
     return linear(x, w, b)  # [..., O]
-
-
-class LayerNorm(hk.Module):
-  """hk.LayerNorm's parameters and output (last axis, scale and offset);
-  the gradient of `layer_norm`."""
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm(x, *byte_array.layer_norm_params(None, x.shape[-1]))
 
 
 def broadcast(x: jax.Array, batch: int) -> jax.Array:
@@ -210,13 +250,13 @@ def _fuse(weights):
 def normalized_projection(x, scale, offset, weights) -> list[jax.Array]:
   """byte_array.normalized_projection with the projections fused in one.
 
-  A dense array takes one LayerNorm and one [C, E] matmul; a factored one the
+  A dense array takes one `normalized_linear`; a factored one the
   hand-written gradient of `_factored_projection`.
   """
   w, b = _fuse(weights)
   widths = tuple(w_i.shape[1] for w_i, _ in weights)
   if not isinstance(x, byte_array.FactoredByteArray):
-    out = linear(layer_norm(x, scale, offset), w, b)  # [B, M, E]
+    out = normalized_linear(x, scale, offset, w, b)  # [B, M, E]
     return _column_blocks(out, widths)
   mean, inv = byte_array.layer_norm_statistics(x)  # [B, M] each
   return list(_factored_projection(
@@ -311,19 +351,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return out.reshape(b, n, h, -1), logits  # [B, N, H, V]
 
 
-def self_attend(x: jax.Array, *, num_heads: int, qk_channels: int,
+def self_attend(z: jax.Array, *, num_heads: int, qk_channels: int,
                 v_channels: int) -> jax.Array:
-  """The attention of a self-attention layer: [B, N, D] (after its LayerNorm)
-  -> [B, N, H * V], before the output projection.
+  """The attention of a self-attention layer: [B, N, D] (before its
+  LayerNorm) -> [B, N, H * V], before the output projection.
 
-  hk.Linear parameters 'query', 'key', 'value' as the plain path's, applied
-  as one fused matmul whose output `native.self_attention` reads (and whose
-  gradient it writes) in place: no head is copied out.
+  hk.LayerNorm's parameters 'layer_norm' and hk.Linear's 'query', 'key',
+  'value', as on the plain path, applied as one `normalized_linear` whose
+  output `native.self_attention` reads (and whose gradient it writes) in
+  place: no head is copied out.
   """
-  d = x.shape[-1]
+  d = z.shape[-1]
   h, qk, vc = num_heads, qk_channels, v_channels
+  scale, offset = byte_array.layer_norm_params('layer_norm', d)
   w, bias = _fuse([byte_array.linear_params(name, d, width) for name, width
                    in (('query', qk), ('key', qk), ('value', vc))])
-  qkv = linear(x, w, bias)  # [B, N, 2QK + V], one matmul
+  qkv = normalized_linear(z, scale, offset, w, bias)  # [B, N, 2QK + V]
   return native.self_attention(qkv, num_heads=h, qk_width=qk,
                                scale=1.0 / math.sqrt(qk // h))  # [B, N, V]
