@@ -119,6 +119,19 @@ def build_model(config: ml_collections.ConfigDict) -> hk.TransformedWithState:
   return hk.transform_with_state(forward)
 
 
+def build_counting_model(config: ml_collections.ConfigDict
+                         ) -> hk.TransformedWithState:
+  """The config's model as the FLOP count reads it: the paper's math on the
+  plain Haiku path (model.cpu_kernels=False where the model has the switch),
+  so that the count does not depend on which kernels compute it. Same
+  parameters as `build_model(config)`."""
+  if 'cpu_kernels' not in config.model:
+    return build_model(config)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.cpu_kernels = False
+  return build_model(config)
+
+
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
   """Zero-size-free stand-ins ([B, *config.input_shape]) for init and tracing."""
   shape = config.input_shape

@@ -65,12 +65,13 @@ class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or inf."""
 
 
-def static_facts(config, model, params, model_state) -> dict[str, float]:
-  """Parameter count and forward FLOPs per example (paper's counting),
-  computed once on the host from shapes."""
+def static_facts(config, params, model_state) -> dict[str, float]:
+  """Parameter count and forward FLOPs per example (paper's counting, on
+  `modeling.build_counting_model`), computed once on the host from shapes."""
   inputs = modeling.example_inputs(config, batch_size=1)
   shapes = lambda tree: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  model = modeling.build_counting_model(config)
   forward = lambda p, s, x: model.apply(p, s, None, x, is_training=False)[0]
   fwd_flops, _ = flops_lib.count_flops(forward, shapes(params),
                                        shapes(model_state), inputs)
@@ -229,7 +230,7 @@ def _train(config, workdir, dataset, mesh, train_batch, total_steps,
       workdir, enabled=jax.process_index() == 0, resume_from=restored or 0)
   cleanup.callback(writer.close)
   start = int(parallel.fetch(state.step))
-  facts = static_facts(config, model, state.params, state.state)
+  facts = static_facts(config, state.params, state.state)
   facts.update(total_steps=total_steps, global_batch_size=config.batch_size)
   metric_writers.log_scalars('static', start, facts)
   writer.write_scalars(0, facts)  # once per workdir (kept on resume)

@@ -31,7 +31,7 @@ def test_dry_run_lists_one_training_command_per_cell():
       '--config.model.cross_attend_arrangement=start '
       '--config.num_epochs=1.0')  # the ablations' CPU budget
   # Parameters and FLOPs are the paper-size model's (Table 6: 44.9M).
-  assert '| 8 at start | 73.7 | — | 44.91M | 709.9 |' in result.text
+  assert '| 8 at start | 73.7 | — | 44.91M | 710.5 |' in result.text
 
 
 def test_unknown_rows_and_tables_are_errors():

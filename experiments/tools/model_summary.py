@@ -1,7 +1,8 @@
 """Model summary: parameters, FLOPs per example and their split by module.
 
 FLOPs count a multiply and an add as two operations and every application of
-shared weights, as the paper does (experiments/tools/flops.py); `xla=True` adds
+shared weights, as the paper does (experiments/tools/flops.py), on the
+model's plain Haiku path (`modeling.build_counting_model`); `xla=True` adds
 XLA's cost analysis of the compiled forward pass, lower for shared
 cross-attends, whose identical keys and values XLA computes once.
 """
@@ -28,7 +29,7 @@ def _plain(shape):
 def summarize(config, *, depth: int = 2, xla: bool = False) -> dict:
   """Parameter count, FLOPs per example and their split by module."""
   params, state = modeling.variable_shapes(config)
-  model = modeling.build_model(config)
+  model = modeling.build_counting_model(config)
   forward = lambda p, s, x: model.apply(p, s, None, x, is_training=False)[0]
   inputs = modeling.example_inputs(config, batch_size=1)
   total_flops, per_module_flops = flops_lib.count_flops(
