@@ -146,28 +146,47 @@ class CrossAttention(hk.Module):
     """Cross-attends.
 
     Args:
-      latents: [B, N, D].
+      latents: [B, N, D], or [N, D]: the same latents for every example (the
+        first cross-attend, fed the learned latents themselves), whose
+        queries are then computed once for the batch.
       inputs: [B, M, C] byte array, or a FactoredByteArray of that shape.
       return_logits: also return the [B, H, N, M] pre-softmax logits.
 
     Returns:
       [B, N, D] updated latents (and the logits if asked for).
     """
-    b, n, d = latents.shape
-    _, m, c = inputs.shape
+    b, m, c = inputs.shape
+    n, d = latents.shape[-2:]
     h = self._num_heads
     qk = self._qk_channels or min(c, d)
     vc = self._v_channels or qk
     _check_heads(h, qk, vc)
+    shared = latents.ndim == 2
     q = _normalized_linear(latents, qk, norm_name='query_layer_norm',
                            linear_name='query', cpu_kernels=self._cpu_kernels)
-    q = _split_heads(q, h)  # [B, N, H, Q]
-
     # K(LN(x)) and V(LN(x)) of the dense or factored byte array
     # (perceiver/byte_array.py), from parameters made once for all chunks.
     ln = byte_array.layer_norm_params('input_layer_norm', c)
     kv = [byte_array.linear_params('key', c, qk),
           byte_array.linear_params('value', c, vc)]
+    output = _linear(self._cpu_kernels)(d, name='output')
+
+    if (shared and self._cpu_kernels and not return_logits
+        and isinstance(inputs, byte_array.FactoredByteArray)):
+      # Shared queries over a factored byte array: the logits' position
+      # term once for the batch, no key or value array formed (whatever
+      # chunk_size: the kernel holds one tile of keys at a time).
+      out = kernels.factored_cross_attend(q, inputs, *ln, *kv[0], *kv[1],
+                                          num_heads=h)
+      z = kernels.add_shared(output(out), latents)  # [B, N, D]
+      return MLP(widening_factor=self._widening_factor,
+                 cpu_kernels=self._cpu_kernels, name='mlp')(z)
+
+    if shared:  # one copy of the latents and queries per example
+      spread = kernels.broadcast if self._cpu_kernels else (
+          lambda x, b: jnp.broadcast_to(x, (b,) + x.shape))
+      latents, q = spread(latents, b), spread(q, b)
+    q = _split_heads(q, h)  # [B, N, H, Q]
     projection = (kernels.normalized_projection if self._cpu_kernels
                   else byte_array.normalized_projection)
 
@@ -188,7 +207,6 @@ class CrossAttention(hk.Module):
     else:
       out = chunked_attention.chunked_attend(
           q, inputs, project, chunk_size=self._chunk_size, v_channels=vc // h)
-    output = _linear(self._cpu_kernels)(d, name='output')
     z = latents + output(out.reshape(b, n, vc))  # [B, N, D]
     z = MLP(widening_factor=self._widening_factor,
             cpu_kernels=self._cpu_kernels, name='mlp')(z)

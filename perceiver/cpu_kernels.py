@@ -336,6 +336,33 @@ def _factored_projection_bwd(widths, residuals, gs):
 _factored_projection.defvjp(_factored_projection_fwd, _factored_projection_bwd)
 
 
+def factored_cross_attend(q: jax.Array, x: byte_array.FactoredByteArray,
+                          scale: jax.Array, offset: jax.Array, w_k: jax.Array,
+                          b_k: jax.Array, w_v: jax.Array, b_v: jax.Array, *,
+                          num_heads: int) -> jax.Array:
+  """Attention of queries shared by the batch over a factored byte array's
+  keys and values: q [N, H * Q] -> [B, N, H * V], before the output layer.
+
+  The keys and values are the LayerNorm'd byte array's projections
+  (scale, offset: the input LayerNorm's parameters; w_k, b_k and w_v, b_v:
+  hk.Linear's 'key' and 'value'), never formed: `native.factored_attention`
+  computes the logits' position term q (pos W'_pos)^T once for the batch
+  (W' = scale[:, None] W, as in `normalized_projection`). The keys' constant
+  term (offset W_k + b_k) changes no softmax; the values' is added here.
+  """
+  c = x.raw.shape[-1]
+  mean, inv = byte_array.layer_norm_statistics(x)  # [B, M] each
+  pos = x.pos.astype(x.raw.dtype)
+  k_scaled, v_scaled = scale[:, None] * w_k, scale[:, None] * w_v  # W'
+  per_head = q.shape[-1] // num_heads
+  out = native.factored_attention(
+      q, x.raw, mean, inv, native.matmul(pos, k_scaled[c:]), k_scaled[:c],
+      k_scaled.sum(0), native.matmul(pos, v_scaled[c:]), v_scaled[:c],
+      v_scaled.sum(0), num_heads=num_heads,
+      scale=1.0 / math.sqrt(per_head))  # [B, N, H * V]
+  return add_shared(out, offset @ w_v + b_v)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
            return_logits: bool = True):
   """attention.attend (token-major, one or more heads) through

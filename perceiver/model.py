@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from perceiver import attention
-from perceiver import cpu_kernels as kernels
 
 ARRANGEMENTS = ('interleaved', 'start')
 
@@ -175,15 +174,12 @@ class Perceiver(hk.Module):
     if inputs.ndim != 3:
       raise ValueError(f'Perceiver expects a byte array [B, M, C], got shape '
                        f'{inputs.shape} (rank {inputs.ndim}).')
-    b = inputs.shape[0]
     latents = hk.get_parameter(
         'latents', [self._num_latents, self._latent_channels],
         init=hk.initializers.TruncatedNormal(stddev=self._latent_init_scale))
-    latents = latents.astype(inputs.dtype)
-    if self._cpu_kernels:
-      z = kernels.broadcast(latents, b)  # [B, N, D]
-    else:
-      z = jnp.broadcast_to(latents, (b,) + latents.shape)  # [B, N, D]
+    # The first block is always a cross-attend, which takes the latents
+    # unbroadcast: the same for every example, so its queries are too.
+    z = latents.astype(inputs.dtype)  # [N, D], then [B, N, D]
     crosses, transformers = self._blocks()
     if self._remat:
       transformers = [hk.remat(t) for t in transformers]

@@ -114,6 +114,10 @@ def _blocks_both_ways(block, x, z):
   """(params, loss of params for cpu_kernels False, the same for True)."""
   def make(cpu_kernels):
     def fwd(z):
+      if block == 'cross_shared':  # the same latents for every example
+        return attention.CrossAttention(
+            num_heads=2, qk_channels=6, v_channels=4,
+            cpu_kernels=cpu_kernels)(z[0], x)
       if block.startswith('cross'):
         return attention.CrossAttention(
             num_heads=2, qk_channels=6, v_channels=4, cpu_kernels=cpu_kernels,
@@ -136,10 +140,12 @@ def _blocks_both_ways(block, x, z):
 
 @pytest.mark.parametrize('block,factored', [
     ('cross', False), ('cross', True), ('cross_chunked', False),
-    ('cross_chunked', True), ('self', False), ('self_unequal', False)])
+    ('cross_chunked', True), ('cross_shared', False), ('cross_shared', True),
+    ('self', False), ('self_unequal', False)])
 def test_blocks_equal_with_and_without_cpu_kernels(block, factored):
   """A block's output and every parameter gradient, in float64, whichever
-  path computes it (chunked: 7 inputs in chunks of 3)."""
+  path computes it (chunked: 7 inputs in chunks of 3; shared: one set of
+  latents for the batch, over a factored array native.factored_attention)."""
   raw, pos, z, cotangent = _args((2, 7, 3), (7, 4), (2, 5, 8), (2, 5, 8))
   x = (byte_array.FactoredByteArray(raw, pos) if factored else
        byte_array.FactoredByteArray(raw, pos).dense())

@@ -44,7 +44,7 @@ def test_imagenet_golden_parameter_count_is_the_papers():
 def test_imagenet_flops_match_paper_and_xla_without_sharing():
   config = configs.imagenet.get_config()
   params = modeling.param_shapes(config)
-  model = modeling.build_model(config)
+  model = modeling.build_counting_model(config)
   fwd = lambda p, x: model.apply(p, {}, None, x, is_training=False)[0]
   x = modeling.example_inputs(config)
   total, per_module = flops.count_flops(fwd, params, x)
@@ -56,7 +56,7 @@ def test_imagenet_flops_match_paper_and_xla_without_sharing():
   # Without sharing XLA has no repeated work to eliminate: the counts agree.
   config.model.share_weights = False
   params = modeling.param_shapes(config)
-  model = modeling.build_model(config)
+  model = modeling.build_counting_model(config)
   fwd = lambda p, x: model.apply(p, {}, None, x, is_training=False)[0]
   assert flops.count_flops(fwd, params, x)[0] == pytest.approx(total, rel=1e-9)
   assert flops.xla_flops(fwd, params, x) == pytest.approx(total, rel=0.01)

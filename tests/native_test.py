@@ -233,6 +233,99 @@ def test_hlo_flops_counts_attention():
   assert native.hlo_flops(text) == 2 * b * h * n * n * (4 * dq + 3 * dv)
 
 
+def _factored_operands(b, n, m, c, h, d, e, dtype, seed=5):
+  keys = jax.random.split(jax.random.key(seed), 11)
+  r = lambda i, shape: jax.random.normal(keys[i], shape, dtype)
+  return ((r(0, (n, h * d)), r(1, (b, m, c)), 0.1 * r(2, (b, m)),
+           1 + 0.3 * jnp.abs(r(3, (b, m))), r(4, (m, h * d)),
+           r(5, (c, h * d)), r(6, (h * d,)), r(7, (m, h * e)),
+           r(8, (c, h * e)), r(9, (h * e,))), r(10, (b, n, h * e)))
+
+
+def _plain_factored(q, raw, mean, inv, pk, wk, sk, pv, wv, sv, h, scale):
+  """The keys and values formed, then the paper's attention."""
+  k = inv[..., None] * (raw @ wk + pk - mean[..., None] * sk)
+  v = inv[..., None] * (raw @ wv + pv - mean[..., None] * sv)
+  q = jnp.broadcast_to(q, raw.shape[:1] + q.shape)
+  return _plain_attention(q, k, v, h, scale)
+
+
+# Shapes cover: one head and several; more keys than one tile (512) and
+# than one group of tiles per thread; one example; one raw channel.
+FACTORED_SHAPES = [(2, 5, 7, 3, 1, 4, 6), (3, 8, 1300, 3, 2, 5, 4),
+                   (1, 4, 600, 1, 1, 3, 3)]
+
+
+@pytest.mark.parametrize('b,n,m,c,h,d,e', FACTORED_SHAPES)
+def test_factored_attention_equals_attention_over_formed_keys(b, n, m, c, h,
+                                                              d, e):
+  with jax.enable_x64(True):
+    args, g = _factored_operands(b, n, m, c, h, d, e, jnp.float64)
+    fused = lambda *x: native.factored_attention(*x, num_heads=h, scale=0.4)
+    plain = lambda *x: _plain_factored(*x, h, 0.4)
+    np.testing.assert_allclose(jax.jit(fused)(*args), plain(*args),
+                               rtol=1e-12, atol=1e-13)
+    # The byte array is data: gradients of the queries and weights alone
+    # run the kernel's backward pass.
+    data = args[1:4]
+    weights = lambda f: lambda q, *w: f(q, *data, *w)
+    trainable = (args[0],) + args[4:]
+    backward = jax.jit(lambda *x: jax.vjp(weights(fused), *x)[1](g))
+    assert 'perceiver_factored_attention_backward_f64' in backward.lower(
+        *trainable).as_text()
+    for x, y in zip(backward(*trainable),
+                    jax.vjp(weights(plain), *trainable)[1](g)):
+      np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-12)
+    # Through the byte array too (a saliency map): XLA's gradient, whole.
+    for x, y in zip(jax.jit(lambda *x: jax.vjp(fused, *x)[1](g))(*args),
+                    jax.vjp(plain, *args)[1](g)):
+      np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-12)
+
+
+def test_factored_attention_in_float32_and_to_second_order():
+  args, g = _factored_operands(3, 8, 1300, 3, 2, 5, 4, jnp.float32)
+  fused = lambda *x: native.factored_attention(*x, num_heads=2, scale=0.4)
+  with jax.enable_x64(True):
+    wide = [np.asarray(x, np.float64) for x in args]
+    want = _plain_factored(*wide, 2, 0.4)
+  np.testing.assert_allclose(jax.jit(fused)(*args), want, rtol=2e-5,
+                             atol=2e-6)
+  with jax.enable_x64(True):
+    small, _ = _factored_operands(2, 3, 5, 2, 1, 2, 3, jnp.float64)
+    data = small[1:4]
+    f = lambda q, pk, wk: native.factored_attention(
+        q, *data, pk, wk, *small[6:], num_heads=1, scale=0.4)
+    jtu.check_grads(f, (small[0], small[4], small[5]), order=2,
+                    modes=['rev'])
+
+
+def test_factored_attention_under_vmap_and_flops():
+  args, g = _factored_operands(2, 5, 7, 3, 1, 4, 6, jnp.float32)
+  f = lambda *x: native.factored_attention(*x, num_heads=1, scale=0.4)
+  stacked = jax.jit(jax.vmap(f, in_axes=(0,) + (None,) * 9))(
+      jnp.stack([args[0], 2 * args[0]]), *args[1:])
+  for i, scale in enumerate((1.0, 2.0)):
+    np.testing.assert_allclose(
+        stacked[i], _plain_factored(args[0] * scale, *args[1:], 1, 0.4),
+        rtol=1e-5, atol=1e-6)
+  b, n, m, d, e = 2, 5, 7, 4, 6
+  text = jax.jit(f).lower(*args).compile().as_text()
+  assert native.hlo_flops(text) == 2 * n * m * (d + b * e)
+  q, data, weights = args[0], args[1:4], args[4:]
+  both = jax.jit(lambda q, *w: jax.vjp(
+      lambda q, *w: f(q, *data, *w), q, *w)[1](g)).lower(q, *weights)
+  assert native.hlo_flops(both.compile().as_text()) == 2 * n * m * (
+      (d + b * e) + (3 * d + 2 * b * e))
+
+
+def test_factored_attention_shapes_that_do_not_fit_name_the_problem():
+  args, _ = _factored_operands(2, 5, 7, 3, 1, 4, 6, jnp.float32)
+  with pytest.raises(ValueError, match='needs q \\[N, H D\\], raw'):
+    native.factored_attention(args[0][None], *args[1:])
+  with pytest.raises(ValueError, match='num_heads=3'):
+    native.factored_attention(*args, num_heads=3)
+
+
 def _run(code: str, **env):
   return subprocess.run(
       [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
@@ -329,7 +422,9 @@ grad = jax.grad(loss, argnums=(0, 1))
 for got, want in zip(jax.jit(grad)(put(x, 'data'), put(w)), grad(x, w)):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 # A cpu_kernels Perceiver's gradient over 8 devices, in float64: the same
-# numbers, and each device does an eighth of the products.
+# numbers, and each device does the products of one device with its two
+# examples (an eighth of the per-example work; the batch-independent work,
+# such as the first cross-attend's queries from the shared latents, once).
 jax.config.update('jax_enable_x64', True)
 model = hk.transform(lambda x: perceiver.Perceiver(
     num_classes=3, num_latents=8, latent_channels=16, num_blocks=2,
@@ -339,20 +434,34 @@ x = jax.random.normal(ka, (16, 32, 5), jnp.float64)
 params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(kb, x))
 grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(model.apply(p, None,
                                                                    x)))))
-def run(devices):
+def run(devices, x):
   mesh = Mesh(np.array(devices), ('data',))
   args = (jax.device_put(params, NamedSharding(mesh, P())),
           jax.device_put(x, NamedSharding(mesh, P('data'))))
   text = grad.lower(*args).compile().as_text()
   return native.hlo_flops(text), grad(*args), text
-flops_1, grads_1, _ = run(jax.devices()[:1])
-flops_8, grads_8, text_8 = run(jax.devices())
-assert flops_1 > 0 and flops_8 * 8 == flops_1, (flops_8, flops_1)
+flops_1, grads_1, _ = run(jax.devices()[:1], x)
+flops_8, grads_8, text_8 = run(jax.devices(), x)
+flops_two, _, _ = run(jax.devices()[:1], x[:2])
+assert 0 < flops_two == flops_8 < flops_1 / 7, (flops_two, flops_8, flops_1)
 # the attention kernels ran on each device's own examples, nothing gathered
 assert 'perceiver_attention_packed_f64' in text_8
 assert 'all-gather' not in text_8, text_8
 for got, want in zip(jax.tree.leaves(grads_8), jax.tree.leaves(grads_1)):
   assert got.dtype == jnp.float64
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+# Over a factored byte array, the first cross-attend's kernel: its gradients
+# (all of shared operands) summed over the devices.
+from perceiver import byte_array
+pos = jax.random.normal(kb, (32, 2), jnp.float64)
+factored = lambda x: byte_array.FactoredByteArray(x[..., :3], pos)
+grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(model.apply(
+    p, None, factored(x))))))
+flops_1, grads_1, _ = run(jax.devices()[:1], x)
+flops_8, grads_8, text_8 = run(jax.devices(), x)
+assert 'perceiver_factored_attention_backward_f64' in text_8
+assert 'all-gather' not in text_8, text_8
+for got, want in zip(jax.tree.leaves(grads_8), jax.tree.leaves(grads_1)):
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 print('ok')
 '''

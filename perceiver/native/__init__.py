@@ -45,6 +45,7 @@ one warning naming the cause and falls back to XLA.
 """
 
 from perceiver.native.batched_matmul import matmul
+from perceiver.native.factored_attention import factored_attention
 from perceiver.native.fused_attention import attention
 from perceiver.native.fused_attention import self_attention
 from perceiver.native.library import available
@@ -53,5 +54,6 @@ from perceiver.native.library import BuildError
 from perceiver.native.library import hlo_flops
 from perceiver.native.library import why_unavailable
 
-__all__ = ['attention', 'available', 'build', 'BuildError', 'hlo_flops',
-           'matmul', 'self_attention', 'why_unavailable']
+__all__ = ['attention', 'available', 'build', 'BuildError',
+           'factored_attention', 'hlo_flops', 'matmul', 'self_attention',
+           'why_unavailable']

@@ -20,15 +20,19 @@ import jax
 import jax.numpy as jnp
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = tuple(_DIR / name
-                 for name in ('batched_matmul.cc', 'fused_attention.cc'))
-_HEADERS = (_DIR / 'common.h',)
+_SOURCES = tuple(_DIR / name for name in (
+    'batched_matmul.cc', 'fused_attention.cc', 'factored_attention.cc'))
+_HEADERS = (_DIR / 'common.h', _DIR / 'row_math.h')
 _F32, _F64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)
 MATMUL_TARGETS = {_F32: 'perceiver_batched_matmul_f32',
                    _F64: 'perceiver_batched_matmul_f64'}
 ATTENTION_TARGETS = {
     dtype: {kind: f'perceiver_attention_{kind}_{name}'
             for kind in ('forward', 'backward', 'packed')}
+    for dtype, name in ((_F32, 'f32'), (_F64, 'f64'))}
+FACTORED_TARGETS = {
+    dtype: {kind: f'perceiver_factored_attention_{kind}_{name}'
+            for kind in ('forward', 'backward')}
     for dtype, name in ((_F32, 'f32'), (_F64, 'f64'))}
 _SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
             'perceiver_batched_matmul_f64': 'PerceiverBatchedMatmulF64',
@@ -39,7 +43,15 @@ _SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
             'perceiver_attention_forward_f64': 'PerceiverAttentionForwardF64',
             'perceiver_attention_backward_f64': 'PerceiverAttentionBackwardF64',
             'perceiver_attention_packed_f64':
-                'PerceiverAttentionBackwardPackedF64'}
+                'PerceiverAttentionBackwardPackedF64',
+            'perceiver_factored_attention_forward_f32':
+                'PerceiverFactoredAttentionForwardF32',
+            'perceiver_factored_attention_backward_f32':
+                'PerceiverFactoredAttentionBackwardF32',
+            'perceiver_factored_attention_forward_f64':
+                'PerceiverFactoredAttentionForwardF64',
+            'perceiver_factored_attention_backward_f64':
+                'PerceiverFactoredAttentionBackwardF64'}
 INT32_MAX = 2**31 - 1  # OpenBLAS's (LP64) largest dimension
 
 _lock = threading.Lock()
@@ -148,16 +160,12 @@ def why_unavailable() -> str | None:
   return None if _load() else str(_state.get('why'))
 
 
-_SHAPE = r'\w+\[([\d,]*)\](?:\{[^}]*\})?'
-_MATMUL_CALL = re.compile(
-    r'= ' + _SHAPE + r' custom-call\(.*?custom_call_target='
-    r'"perceiver_batched_matmul_f(?:32|64)".*?operand_layout_constraints='
-    r'\{' + _SHAPE + r', .*?transpose_a = (true|false)')
-_ATTENTION_CALL = re.compile(
-    r'custom_call_target="perceiver_attention_(forward|backward|packed)_f'
-    r'(?:32|64)".*?operand_layout_constraints=\{' + _SHAPE + ', ' + _SHAPE
-    + r'.*?backend_config=\{([^}]*)\}')
-_ATTRIBUTE = re.compile(r'(\w+) = (\d+) : i64')
+_CALL = re.compile(
+    r'custom_call_target="perceiver_(\w+?)_f(?:32|64)", '
+    r'operand_layout_constraints=\{(.*?)\}, api_version.*?'
+    r'backend_config=\{([^}]*)\}')
+_SHAPE = re.compile(r'\w+\[([\d,]*)\]')
+_ATTRIBUTE = re.compile(r'(\w+) = (\w+)')
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -169,21 +177,34 @@ def hlo_flops(hlo_text: str) -> float:
   A matmul's are 2 m n k per element; attention's, with H heads of q and k
   of width Dq and of v of width Dv over N queries and M keys, 2 H N M
   (Dq + Dv) per element forward (q k^T, P v) and 2 H N M (3 Dq + 2 Dv)
-  backward (q k^T again, P^T dO, dO V^T, dS K, dS^T Q).
+  backward (q k^T again, P^T dO, dO V^T, dS K, dS^T Q). Factored
+  attention's (N queries shared by B examples, per head): 2 N M (D + B E)
+  forward (q pk^T once, R pv per example) and 2 N M (3 D + 2 B E) backward
+  (q pk^T, E^T q and E pk once; dO pv^T and R^T dO per example).
   """
-  dims = lambda text: [int(d) for d in text.split(',') if d]
   total = 0
-  for match in _MATMUL_CALL.finditer(hlo_text):
-    out, a, transpose_a = match.groups()
-    k = dims(a)[-2] if transpose_a == 'true' else dims(a)[-1]
-    total += 2 * math.prod(dims(out)) * k
-  for match in _ATTENTION_CALL.finditer(hlo_text):
-    kind, q, second, config = match.groups()
-    attrs = {k: int(v) for k, v in _ATTRIBUTE.findall(config)}
-    b, n = dims(q)[:2]
-    m = n if kind == 'packed' else dims(second)[1]  # packed: q, k = qkv
-    dq, dv = attrs['qk_dim'], attrs['v_dim']
-    per_pair = 2 * n * m * ((dq + dv) if kind == 'forward' else
-                            (3 * dq + 2 * dv))
-    total += b * attrs['heads'] * per_pair
+  for match in _CALL.finditer(hlo_text):
+    kind, operands, config = match.groups()
+    shapes = [[int(d) for d in dims.split(',') if d]
+              for dims in _SHAPE.findall(operands)]
+    attrs = dict(_ATTRIBUTE.findall(config))
+    if kind == 'batched_matmul':
+      a, b = shapes
+      m, k = (a[-1], a[-2]) if attrs['transpose_a'] == 'true' else a[-2:]
+      n = b[-2] if attrs['transpose_b'] == 'true' else b[-1]
+      total += 2 * math.prod(a[:-2]) * m * n * k
+    elif kind.startswith('attention_'):
+      q, k = shapes[:2]
+      heads, d, e = (int(attrs[x]) for x in ('heads', 'qk_dim', 'v_dim'))
+      pairs = q[0] * heads * q[1] * (q[1] if kind == 'attention_packed'
+                                     else k[1])  # B H N M
+      total += 2 * pairs * ((d + e) if kind == 'attention_forward' else
+                            (3 * d + 2 * e))
+    elif kind.startswith('factored_attention_'):
+      (n, width), (b, m, _), pv = shapes[0], shapes[1], shapes[7]
+      heads = int(attrs['heads'])
+      d, e = width // heads, pv[1] // heads
+      per_head = (2 * n * m * (d + b * e) if kind.endswith('forward') else
+                  2 * n * m * (3 * d + 2 * b * e))
+      total += heads * per_head
   return float(total)
