@@ -357,8 +357,8 @@ def factored_cross_attend(q: jax.Array, x: byte_array.FactoredByteArray,
   per_head = q.shape[-1] // num_heads
   out = native.factored_attention(
       q, x.raw, mean, inv, native.matmul(pos, k_scaled[c:]), k_scaled[:c],
-      k_scaled.sum(0), native.matmul(pos, v_scaled[c:]), v_scaled[:c],
-      v_scaled.sum(0), num_heads=num_heads,
+      k_scaled[c:].sum(0), native.matmul(pos, v_scaled[c:]), v_scaled[:c],
+      v_scaled[c:].sum(0), num_heads=num_heads,
       scale=1.0 / math.sqrt(per_head))  # [B, N, H * V]
   return add_shared(out, offset @ w_v + b_v)
 

@@ -111,9 +111,12 @@ def test_gelu_linear_keeps_only_its_input():
 
 
 def _blocks_both_ways(block, x, z):
-  """(params, loss of params for cpu_kernels False, the same for True)."""
+  """(params, apply(params, z, x) for cpu_kernels False, the same for True).
+
+  The byte array x is an argument of apply, so that it computes in the
+  caller's precision."""
   def make(cpu_kernels):
-    def fwd(z):
+    def fwd(z, x):
       if block == 'cross_shared':  # the same latents for every example
         return attention.CrossAttention(
             num_heads=2, qk_channels=6, v_channels=4,
@@ -128,9 +131,9 @@ def _blocks_both_ways(block, x, z):
                                      cpu_kernels=cpu_kernels)(z)
     return hk.without_apply_rng(hk.transform(fwd))
   plain, fast = make(False), make(True)
-  params = plain.init(jax.random.key(0), z)
+  params = plain.init(jax.random.key(0), z, x)
   assert jax.tree.map(np.shape, params) == jax.tree.map(
-      np.shape, fast.init(jax.random.key(0), z))
+      np.shape, fast.init(jax.random.key(0), z, x))
   keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params)))
   params = jax.tree.unflatten(jax.tree.structure(params), [
       np.asarray(p + 0.3 * jax.random.normal(k, p.shape), np.float64)
@@ -154,19 +157,13 @@ def test_blocks_equal_with_and_without_cpu_kernels(block, factored):
     x, z = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (x, z))
     cotangent = jnp.asarray(cotangent, jnp.float64)
     plain, fast = jax.jit(plain), jax.jit(fast)
-    np.testing.assert_allclose(fast(params, z), plain(params, z), rtol=1e-12)
+    np.testing.assert_allclose(fast(params, z, x), plain(params, z, x),
+                               rtol=1e-12)
     grad = lambda f: jax.jit(jax.grad(
-        lambda p: jnp.vdot(f(p, z), cotangent)))(params)
+        lambda p: jnp.vdot(f(p, z, x), cotangent)))(params)
     want, got = grad(plain), grad(fast)
-    # The chunked path sums the keys' gradients chunk by chunk, in another
-    # order than the plain path's; they add up to zero over the inputs (a
-    # softmax's gradient), so the input LayerNorm's scale gradient is a
-    # difference of nearly equal sums: two exact float64 evaluations of the
-    # plain formula, chunked and unchunked, differ by up to 4e-8 (relative)
-    # on these arrays.
-    rtol = 1e-7 if block == 'cross_chunked' else 1e-9
     for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
                             jax.tree.leaves(got)):
       assert np.abs(w).max() > 0 or 'key' in jax.tree_util.keystr(path)
-      np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-12,
+      np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12,
                                  err_msg=jax.tree_util.keystr(path))

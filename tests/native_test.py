@@ -244,8 +244,9 @@ def _factored_operands(b, n, m, c, h, d, e, dtype, seed=5):
 
 def _plain_factored(q, raw, mean, inv, pk, wk, sk, pv, wv, sv, h, scale):
   """The keys and values formed, then the paper's attention."""
-  k = inv[..., None] * (raw @ wk + pk - mean[..., None] * sk)
-  v = inv[..., None] * (raw @ wv + pv - mean[..., None] * sv)
+  centred = raw - mean[..., None]
+  k = inv[..., None] * (centred @ wk + pk - mean[..., None] * sk)
+  v = inv[..., None] * (centred @ wv + pv - mean[..., None] * sv)
   q = jnp.broadcast_to(q, raw.shape[:1] + q.shape)
   return _plain_attention(q, k, v, h, scale)
 

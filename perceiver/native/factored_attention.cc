@@ -5,40 +5,49 @@
 // The Perceiver's first cross-attend reads the byte array with queries made
 // from the learned latents alone: the same q for every example. Its keys and
 // values are LayerNorm(x) W + b of a factored byte array (raw [B, M, c]
-// channels per example, position features shared, perceiver/byte_array.py):
+// channels per example, position features pos [M, p] shared,
+// perceiver/byte_array.py). With W' = scale W (rows: c raw, p position),
+// LayerNorm(x) W' = inv (x - mean) W', so, up to constant terms,
 //
-//   K_b = inv_b (raw_b wk + pk - mean_b sk) + ck,
-//   V_b = inv_b (raw_b wv + pv - mean_b sv) + cv,
+//   K_b = inv_b ((raw_b - mean_b) wk + pk - mean_b sk),
+//   V_b = inv_b ((raw_b - mean_b) wv + pv - mean_b sv),
 //
 // wk = W'k's raw rows [c, D], pk = pos W'k's position rows [M, D] (once per
-// batch), sk = W'k's column sums [D], mean_b, inv_b the inputs' LayerNorm
-// statistics [M]. Per head (columns h D .. (h + 1) D), with qs = scale q:
+// batch), sk = the position rows' column sums [D], mean_b and inv_b the
+// inputs' LayerNorm statistics [M] (the raw channels centred first, as
+// LayerNorm centres them: no sum of large terms cancels). Per head (columns
+// h D .. (h + 1) D), with qs = scale q:
 //
-//   S_b = inv_b * (qs pk^T + (qs wk^T) raw_b^T - (qs sk) mean_b^T)  [N, M]
+//   S_b = inv_b * (qs pk^T + a (raw_b - mean_b)^T - (qs sk) mean_b^T),
+//   a = qs wk^T [N, c]
 //
-// (inv_b scaling the columns; q ck is the same for every key, which the
-// softmax ignores, so ck does not enter), P_b = softmax(S_b) and
+// (inv_b scaling the columns; the keys' constant term adds q ck to every
+// key, which the softmax ignores), P_b = softmax(S_b) and, R_b = P_b inv_b
+// (columns scaled),
 //
-//   o_b = P_b V_b - cv = (R_b pv) + (R_b raw_b) wv - (R_b mean_b) sv,
-//   R_b = P_b inv_b (columns scaled),
+//   o_b = R_b pv + (R_b (raw_b - mean_b)) wv - (R_b mean_b) sv,
 //
-// cv added by the caller. qs pk^T, the one [N, M] product over D, is
-// computed once per key tile for the whole batch; per example there remain
-// R_b pv ([N, M] x [M, E]) forward, and R_b^T dO_b and dO_b pv^T backward,
-// with rank-c updates and elementwise work: about half the products of
-// attention over K_b and V_b, and no [B, M, D] array is ever formed.
+// the values' constant term added by the caller. qs pk^T, the one [N, M]
+// product over D, is computed once per key tile for the whole batch; per
+// example there remain R_b pv ([N, M] x [M, E]) forward, and R_b^T dO_b and
+// dO_b pv^T backward, with rank-c updates and elementwise work: about half
+// the products of attention over K_b and V_b, and no [B, M, D] array is
+// ever formed.
 //
-// Backward, with delta_b = dO_b . o_b (per query row; cv cancels in
-// dP - delta), the probabilities recomputed from lse:
+// Backward, with delta_b = dO_b . o_b (per query row; the values' constant
+// cancels in dP - delta), the probabilities recomputed from lse:
 //
-//   dP_b = inv_b * (dO_b pv^T + (dO_b wv^T) raw_b^T - (dO_b sv) mean_b^T),
+//   dP_b = inv_b * (dO_b pv^T + (dO_b wv^T) (raw_b - mean_b)^T
+//                   - (dO_b sv) mean_b^T),
 //   dS_b = P_b (dP_b - delta_b),  E_b = inv_b * dS_b  (columns scaled),
-//   E = sum_b E_b,  F = sum_b E_b raw_b [N, c],  G = sum_b E_b mean_b [N],
+//   E = sum_b E_b,  F = sum_b E_b (raw_b - mean_b) [N, c],
+//   G = sum_b E_b mean_b [N],
 //   d qs = E pk + F wk - G sk^T,   d pk = E^T qs,   d wk = F^T qs,
 //   d sk = -G^T qs,   d pv = sum_b R_b^T dO_b,
-//   d wv = sum_b (R_b raw_b)^T dO_b,   d sv = -sum_b (R_b mean_b)^T dO_b,
+//   d wv = sum_b (R_b (raw_b - mean_b))^T dO_b,
+//   d sv = -sum_b (R_b mean_b)^T dO_b,
 //
-// and d q = scale d qs. (d ck = 0, d cv = sum dO: the caller's.)
+// and d q = scale d qs. (The constant terms' gradients are the caller's.)
 //
 // Work items: one head's group of consecutive key tiles (kColumns keys),
 // every example of the batch inside, so that E's columns and the rows of
@@ -109,22 +118,27 @@ struct Tile {
   int64_t t0, tn;
   const T* mean;  // [tn]
   const T* inv;   // [tn]
-  T* raw;         // [c, tn]: raw's channels, each contiguous
+  T* raw;         // [c, tn]: raw - mean, each channel contiguous
 };
 
-// Loads example b's tile into `tile` (raw transposed into `raw_t`).
+// Loads example b's tile: its statistics, and raw - mean (transposed) into
+// `raw_t`.
 template <typename T>
 Tile<T> LoadTile(const Sizes& s, const T* raw, const T* mean, const T* inv,
                  int64_t b, int64_t t0, int64_t tn, T* raw_t) {
   const T* raw_rows = raw + (b * s.m + t0) * s.c;
+  const T* mean_t = mean + b * s.m + t0;
   for (int64_t i = 0; i < tn; ++i) {
-    for (int64_t j = 0; j < s.c; ++j) raw_t[j * tn + i] = raw_rows[i * s.c + j];
+    for (int64_t j = 0; j < s.c; ++j) {
+      raw_t[j * tn + i] = raw_rows[i * s.c + j] - mean_t[i];
+    }
   }
-  return {t0, tn, mean + b * s.m + t0, inv + b * s.m + t0, raw_t};
+  return {t0, tn, mean_t, inv + b * s.m + t0, raw_t};
 }
 
-// p[n, :] = inv * (s0[n, :] + sum_j a[n, j] raw[j, :] - ms[n] mean) over a
-// tile's columns: example b's logits from the shared q pk^T tile.
+// p[n, :] = inv * (s0[n, :] + sum_j a[n, j] (raw - mean)[j, :]
+// - ms[n] mean) over a tile's columns: example b's logits from the shared
+// qs pk^T tile.
 template <typename T>
 void Logits(const Sizes& s, const Tile<T>& t, const T* s0, const T* a,
             const T* ms, T* p) {
@@ -181,7 +195,7 @@ ffi::Error FactoredForward(ffi::ThreadPool pool, ffi::Buffer<D> q,
                                                s.heads));
   const int64_t per_group = (tiles + groups - 1) / groups;
   // Each item's online softmax, per (example, row): its maximum and sum,
-  // and the rows of R pv, R raw and R mean summed so far.
+  // and the rows of R pv, R (raw - mean) and R mean summed so far.
   const int64_t rows = s.b * s.n;
   const int64_t stride = rows * (2 + s.e + s.c + 1);
   std::unique_ptr<T[]> partial(new T[s.heads * groups * stride]);
@@ -241,10 +255,10 @@ ffi::Error FactoredForward(ffi::ThreadPool pool, ffi::Buffer<D> q,
             acc_mean[r] *= alpha;
           }
           for (int64_t k = 0; k < tn; ++k) p_i[k] *= t.inv[k];  // R
-          for (int64_t j = 0; j < s.c; ++j) {
+          for (int64_t j = 0; j < s.c; ++j) {  // R (raw - mean)
             raw_r[j] += DotRow(p_i, t.raw + j * tn, tn);
           }
-          acc_mean[r] += DotRow(p_i, t.mean, tn);
+          acc_mean[r] += DotRow(p_i, t.mean, tn);  // R mean
         }
         Gemm<T>(false, false, s.n, s.e, tn, T(1), p, tn,
                 ppv + t0 * we + h * s.e, we, T(1), acc_o + b * s.n * s.e,
@@ -254,8 +268,8 @@ ffi::Error FactoredForward(ffi::ThreadPool pool, ffi::Buffer<D> q,
   };
   ParallelFor(pool, s.heads * groups, item);
 
-  // Combine the items of each head: o = (R pv + (R raw) wv - (R mean) sv)
-  // over all keys, divided by the softmax's sum.
+  // Combine the items of each head: o = (R pv + (R (raw - mean)) wv
+  // - (R mean) sv) over all keys, divided by the softmax's sum.
   T* po = o->typed_data();
   T* plse = lse->typed_data();
   ParallelFor(pool, s.b * s.heads, [=](int64_t pair) {
@@ -352,8 +366,8 @@ ffi::Error FactoredBackward(
     return ffi::Error::Success();
   }
 
-  // Per (example, head): delta = dO . o, bv = dO wv^T [N, c] and
-  // ds = dO . sv [N], in one array [B, H, N, 2 + c].
+  // Per (example, head): delta = dO . o, ds = dO . sv [N] and
+  // bv = dO wv^T [N, c], in one array [B, H, N, 2 + c].
   const int64_t pre = 2 + s.c;
   std::unique_ptr<T[]> terms(new T[s.b * s.heads * s.n * pre]);
   T* pterms = terms.get();
@@ -377,7 +391,8 @@ ffi::Error FactoredBackward(
       std::min(tiles, std::max<int64_t>(1, (2 * threads + s.heads - 1) /
                                                s.heads));
   const int64_t per_group = (tiles + groups - 1) / groups;
-  // Each item's partial d qs [N, D], F [N, c], G [N], d wv [c, E], d sv [E].
+  // Each item's partial d qs [N, D], F [N, c], G [N], d wv [c, E], d sv [E]
+  // (F and d wv over raw - mean).
   const int64_t stride = s.n * (s.d + s.c + 1) + s.c * s.e + s.e;
   std::unique_ptr<T[]> partial(new T[s.heads * groups * stride]());
   T* part = partial.get();
@@ -400,7 +415,8 @@ ffi::Error FactoredBackward(
     T* raw_t = Scratch<T>(3, s.c * columns);
     T* dp = Scratch<T>(4, s.n * columns);
     T* e_sum = Scratch<T>(5, s.n * columns);
-    T* rraw = Scratch<T>(6, s.n * (s.c + 1));  // R raw [N, c], R mean [N]
+    // R (raw - mean) [N, c], R mean [N]
+    T* rraw = Scratch<T>(6, s.n * (s.c + 1));
     T* qs = Scratch<T>(7, s.n * s.d);
     for (int64_t i = 0; i < s.n; ++i) {
       for (int64_t k = 0; k < s.d; ++k) {
@@ -425,7 +441,8 @@ ffi::Error FactoredBackward(
           T* p_i = p + i * tn;
           ExpRow(p_i, tn, lse_b[i]);  // P
         }
-        // dP = inv * (dO pv^T + bv raw^T - ds mean^T), from the GEMM first.
+        // dP = inv * (dO pv^T + bv (raw - mean)^T - ds mean^T), from the
+        // GEMM first.
         Gemm<T>(false, true, s.n, tn, s.e, T(1), do_b, we,
                 ppv + t0 * we + h * s.e, we, T(0), dp, tn);
         for (int64_t i = 0; i < s.n; ++i) {
@@ -457,7 +474,8 @@ ffi::Error FactoredBackward(
           g[i] += DotRow(dp_i, t.mean, tn);
           r_mean[i] = DotRow(p_i, t.mean, tn);
         }
-        // d pv += R^T dO; d wv += (R raw)^T dO; d sv -= (R mean)^T dO.
+        // d pv += R^T dO; d wv += (R (raw - mean))^T dO;
+        // d sv -= (R mean)^T dO.
         Gemm<T>(true, false, tn, s.e, s.n, T(1), p, tn, do_b, we,
                 b == 0 ? T(0) : T(1), dpv_t, we);
         Gemm<T>(true, false, s.c, s.e, s.n, T(1), rraw, s.c, do_b, we, T(1),

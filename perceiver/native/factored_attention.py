@@ -9,18 +9,20 @@ factored_attention.cc (perceiver/native/__init__.py).
   raw  [B, M, c]  the byte array's per-example channels
   mean, inv [B, M]  the inputs' LayerNorm statistics (mean, 1 / deviation)
   pk [M, H D], wk [c, H D], sk [H D]   the keys' position term, raw weights
-                                       and column sums (below)
+                                       and position weights' column sums
   pv [M, H E], wv [c, H E], sv [H E]   the same for the values
 
-attends over K_b = inv_b (raw_b wk + pk - mean_b sk) and V_b = inv_b (raw_b wv
-+ pv - mean_b sv), per head: the keys and values of a LayerNorm'd factored
-byte array (perceiver/byte_array.py) without their constant terms, which the
-caller adds (the keys' does not change the softmax; the values' is added to
-the output). The kernel computes q pk^T once per batch and never forms K_b or
-V_b. `reference_forward` is the same in jax.numpy, for other backends and
-dtypes, and for gradients the kernel does not give: those of raw, mean and
-inv (the byte array is data in training; a gradient through the inputs, such
-as a saliency map, is XLA's) and of second order.
+attends over K_b = inv_b ((raw_b - mean_b) wk + pk - mean_b sk) and
+V_b = inv_b ((raw_b - mean_b) wv + pv - mean_b sv), per head: the keys and
+values of a LayerNorm'd factored byte array (perceiver/byte_array.py; with
+W' = scale W, wk = W'[:c], pk = pos W'[c:], sk = the column sums of W'[c:])
+without their constant terms, which the caller adds (the keys' does not
+change the softmax; the values' is added to the output). The kernel computes
+q pk^T once per batch and never forms K_b or V_b. `reference_forward` is the
+same in jax.numpy, for other backends and dtypes, and for gradients the
+kernel does not give: those of raw, mean and inv (the byte array is data in
+training; a gradient through the inputs, such as a saliency map, is XLA's)
+and of second order.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ class Heads(NamedTuple):
 
 def keys_and_values(raw, mean, inv, pk, wk, sk, pv, wv, sv):
   """(K [B, M, H D], V [B, M, H E]) without their constant terms."""
-  scale_rows = lambda x, w, p, s: inv[..., None] * (
-      x @ w + p - mean[..., None] * s)
-  return (scale_rows(raw, wk, pk, sk), scale_rows(raw, wv, pv, sv))
+  centred = raw - mean[..., None]
+  project = lambda w, p, s: inv[..., None] * (
+      centred @ w + p - mean[..., None] * s)
+  return project(wk, pk, sk), project(wv, pv, sv)
 
 
 def reference_forward(q, raw, mean, inv, pk, wk, sk, pv, wv, sv, a: Heads):
