@@ -344,6 +344,7 @@ def project_worker(spec: str, mode: str, iterations: int,
   from experiments import parallel
   from experiments import steps as steps_lib
   from launch import benchmark
+  from perceiver import native
   # pylint: enable=g-import-not-at-top
 
   config, batch_size = benchmark.workload(spec)
@@ -359,7 +360,8 @@ def project_worker(spec: str, mode: str, iterations: int,
             'devices': mesh.devices.size,
             'threads': len(os.sched_getaffinity(0)),
             'retained': retained,
-            'versions': f'jax {jax.__version__}, jaxlib {jaxlib.__version__}',
+            'versions': f'jax {jax.__version__}, jaxlib {jaxlib.__version__}, '
+                        f'GEMMs: {native.blas() or "XLA"}',
             'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
 
   def time_calls(fn):

@@ -38,6 +38,7 @@ from experiments import optimizers
 from experiments import parallel
 from experiments import steps as steps_lib
 from experiments.tools import flops as flops_lib
+from perceiver import native
 
 WORKLOADS: dict[str, Callable[[Optional[str]],
                                tuple[ml_collections.ConfigDict, int]]] = {}
@@ -175,6 +176,8 @@ def report(name: str, train: dict[str, float], matmul: dict[str, float],
   memory = ('' if retained is None else
             '; freed host memory ' + ('retained' if retained else
                                       'returned to the OS (malloc defaults)'))
+  if devices[0].platform == 'cpu':  # perceiver.native's GEMMs, if it runs
+    memory += f'; GEMMs: {native.blas() or "XLA"}'
   return '\n'.join([
       f'devices: {len(devices)} x {devices[0].device_kind} '
       f'({jax.process_count()} process(es)){memory}',

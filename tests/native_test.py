@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from perceiver import native
+from perceiver.native import library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMS = [(False, False), (False, True), (True, False), (True, True)]
@@ -368,6 +369,53 @@ def test_build_is_cached_by_source_and_toolchain(tmp_path):
   mtime = os.path.getmtime(path)
   again = _run(code, PERCEIVER_NATIVE_CACHE=str(tmp_path))
   assert again.stdout.strip() == path and os.path.getmtime(path) == mtime
+
+
+def test_blas_choice_follows_the_setting_and_the_processor():
+  choice = library.blas_choice
+  assert choice('auto', 'GenuineIntel', True) == 'mkl'
+  assert choice('auto', 'AuthenticAMD', True) == 'openblas'
+  assert choice('auto', 'GenuineIntel', False) == 'openblas'
+  assert choice('mkl', 'AuthenticAMD', True) == 'mkl'
+  assert choice('mkl', 'GenuineIntel', False) == 'openblas'
+  assert choice('openblas', 'GenuineIntel', True) == 'openblas'
+  with pytest.raises(native.BuildError,
+                     match="PERCEIVER_BLAS='MKL': expected one of auto, "
+                           'openblas, mkl'):
+    choice('MKL', 'GenuineIntel', True)
+
+
+_BLAS_CHECK = '''
+import jax.numpy as jnp, numpy as np
+from perceiver import native
+rng = np.random.default_rng(0)
+for dtype, rtol in ((np.float32, 2e-5), (np.float64, 1e-13)):
+  a = rng.standard_normal((3, 90, 70)).astype(dtype)
+  b = rng.standard_normal((3, 50, 90)).astype(dtype)
+  want = np.einsum('gkm,gnk->gmn', a.astype(np.float64), b.astype(np.float64))
+  got = native.matmul(jnp.asarray(a), jnp.asarray(b), transpose_a=True,
+                      transpose_b=True)
+  assert got.dtype == dtype, got.dtype
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 10)
+print('blas', native.blas())
+'''
+
+
+@pytest.mark.parametrize('setting', ['openblas', 'mkl'])
+def test_each_blas_computes_the_products(setting):
+  if setting == 'mkl' and library._mkl_path() is None:  # pylint: disable=protected-access
+    pytest.skip('the mkl wheel is not installed here')
+  result = _run(_BLAS_CHECK, PERCEIVER_BLAS=setting, JAX_ENABLE_X64='1')
+  assert result.returncode == 0, result.stderr
+  assert f'blas {setting}' in result.stdout
+
+
+def test_unknown_blas_setting_names_the_problem():
+  result = _run(_FALLBACK_CHECK, PERCEIVER_BLAS='fast')
+  assert result.returncode == 0, result.stderr
+  assert ("available False PERCEIVER_BLAS='fast': expected one of auto, "
+          'openblas, mkl') in result.stdout
+  assert result.stderr.count('perceiver.native unavailable') == 1
 
 
 _SHARDED_CHECK = '''

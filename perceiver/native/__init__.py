@@ -42,6 +42,11 @@ $PERCEIVER_NATIVE_CACHE (default ~/.cache/perceiver/native), keyed by a hash
 of the sources, the toolchain and the processor's features; a compile takes
 a few seconds, once. `PERCEIVER_NATIVE=0` turns it off. A failed build logs
 one warning naming the cause and falls back to XLA.
+
+Its GEMMs are OpenBLAS's, or, on Intel processors where the `mkl` wheel is
+installed (requirements.txt, x86-64 Linux), MKL's sequential ones, handed
+to the library when it loads: `PERCEIVER_BLAS=auto|openblas|mkl` (default
+auto), `blas()` says which (library.blas_choice).
 """
 
 from perceiver.native.batched_matmul import matmul
@@ -49,11 +54,12 @@ from perceiver.native.factored_attention import factored_attention
 from perceiver.native.fused_attention import attention
 from perceiver.native.fused_attention import self_attention
 from perceiver.native.library import available
+from perceiver.native.library import blas
 from perceiver.native.library import build
 from perceiver.native.library import BuildError
 from perceiver.native.library import hlo_flops
 from perceiver.native.library import why_unavailable
 
-__all__ = ['attention', 'available', 'build', 'BuildError',
+__all__ = ['attention', 'available', 'blas', 'build', 'BuildError',
            'factored_attention', 'hlo_flops', 'matmul', 'self_attention',
            'why_unavailable']

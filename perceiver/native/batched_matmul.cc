@@ -1,6 +1,7 @@
 // Batched matrix products for XLA:CPU through the XLA FFI: C = op(A) op(B)
 // over matching leading (batch) axes, op = identity or transpose, computed
-// with OpenBLAS's single-threaded GEMM on XLA's own intra-op thread pool.
+// with a single-threaded GEMM (common.h: OpenBLAS's or MKL's) on XLA's own
+// intra-op thread pool.
 //
 // Why (benchmarks/RESULTS.md, 2026-12-03): jaxlib 0.10.2's XLA:CPU runs the
 // batched products of multi-head attention ([256 x 64] x [64 x 256] per head)
@@ -114,4 +115,14 @@ PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF64, xla::ffi::F64)
 // OpenBLAS's own threads off: the work is already spread over XLA's pool.
 extern "C" void PerceiverBlasSingleThreaded() {
   scipy_openblas_set_num_threads(1);
+}
+
+// Another CBLAS's sgemm and dgemm for every GEMM of the library (common.h),
+// set by the loader before the first call (perceiver/native/library.py);
+// null keeps OpenBLAS's.
+extern "C" void PerceiverUseGemm(void* sgemm, void* dgemm) {
+  perceiver::sgemm = sgemm ? reinterpret_cast<perceiver::SgemmFn>(sgemm)
+                           : &scipy_cblas_sgemm;
+  perceiver::dgemm = dgemm ? reinterpret_cast<perceiver::DgemmFn>(dgemm)
+                           : &scipy_cblas_dgemm;
 }

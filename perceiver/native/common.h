@@ -1,5 +1,5 @@
-// What the library's FFI handlers share: OpenBLAS's single-threaded GEMM and
-// a parallel loop over XLA's own intra-op thread pool.
+// What the library's FFI handlers share: a single-threaded GEMM (OpenBLAS's or
+// MKL's) and a parallel loop over XLA's own intra-op thread pool.
 #ifndef PERCEIVER_NATIVE_COMMON_H_
 #define PERCEIVER_NATIVE_COMMON_H_
 
@@ -17,7 +17,17 @@ namespace perceiver {
 
 namespace ffi = xla::ffi;
 
-// C = alpha op(A) op(B) + beta C, row-major; op(A) is [m, k], op(B) [k, n].
+// The GEMMs the handlers call: OpenBLAS's unless the loader hands the library
+// another CBLAS implementation's (PerceiverUseGemm, batched_matmul.cc: MKL's,
+// perceiver/native/library.py), with the same C ABI (row-major CBLAS, 32-bit
+// integers). `inline`: one pointer for the whole library.
+using SgemmFn = decltype(&scipy_cblas_sgemm);
+using DgemmFn = decltype(&scipy_cblas_dgemm);
+inline SgemmFn sgemm = &scipy_cblas_sgemm;
+inline DgemmFn dgemm = &scipy_cblas_dgemm;
+
+// C = alpha op(A) op(B) + beta C, row-major; op(A) is [m, k], op(B) [k, n];
+// single-threaded (the caller spreads GEMMs over XLA's pool).
 template <typename T>
 inline void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha,
                  const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
@@ -25,11 +35,11 @@ inline void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha,
   const auto trans_a = ta ? CblasTrans : CblasNoTrans;
   const auto trans_b = tb ? CblasTrans : CblasNoTrans;
   if constexpr (sizeof(T) == 4) {
-    scipy_cblas_sgemm(CblasRowMajor, trans_a, trans_b, m, n, k, alpha, a, lda,
-                      b, ldb, beta, c, ldc);
+    sgemm(CblasRowMajor, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+          beta, c, ldc);
   } else {
-    scipy_cblas_dgemm(CblasRowMajor, trans_a, trans_b, m, n, k, alpha, a, lda,
-                      b, ldb, beta, c, ldc);
+    dgemm(CblasRowMajor, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+          beta, c, ldc);
   }
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.metadata
 import math
 import os
 import pathlib
@@ -53,6 +54,9 @@ _SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
             'perceiver_factored_attention_backward_f64':
                 'PerceiverFactoredAttentionBackwardF64'}
 INT32_MAX = 2**31 - 1  # OpenBLAS's (LP64) largest dimension
+BLAS_SETTINGS = ('auto', 'openblas', 'mkl')  # $PERCEIVER_BLAS
+# mkl_service.h: MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64.
+_MKL_SEQUENTIAL, _MKL_LP64 = 1, 0
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -125,6 +129,78 @@ def build() -> pathlib.Path:
   return path
 
 
+def _vendor() -> str:
+  """The processor's vendor_id (Linux; '' where /proc/cpuinfo has none)."""
+  try:
+    with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+      for line in f:
+        if line.startswith('vendor_id'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
+
+
+def _mkl_path() -> pathlib.Path | None:
+  """libmkl_rt of the `mkl` wheel (requirements.txt, x86-64 Linux), if
+  installed."""
+  try:
+    files = importlib.metadata.files('mkl') or []
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for file in files:
+    if file.name.startswith('libmkl_rt.so'):
+      return pathlib.Path(file.locate()).resolve()
+  return None
+
+
+def blas_choice(setting: str, vendor: str, mkl_installed: bool) -> str:
+  """Which GEMMs the library calls: 'mkl' or 'openblas'.
+
+  `setting` is $PERCEIVER_BLAS: 'openblas', 'mkl' (where installed), or
+  'auto' (the default): MKL on Intel processors, OpenBLAS elsewhere. Both
+  single-threaded on the same shapes (benchmarks/RESULTS.md): on an Intel
+  Xeon with AVX-512 MKL's was the faster, on AMD EPYC (Zen, AVX2)
+  OpenBLAS's.
+  """
+  if setting not in BLAS_SETTINGS:
+    raise BuildError(f'PERCEIVER_BLAS={setting!r}: expected one of '
+                     f'{", ".join(BLAS_SETTINGS)}')
+  if setting == 'openblas' or not mkl_installed:
+    return 'openblas'
+  if setting == 'mkl' or vendor == 'GenuineIntel':
+    return 'mkl'
+  return 'openblas'
+
+
+def _use_blas(library: ctypes.CDLL) -> str:
+  """Hands the library MKL's sequential GEMMs where `blas_choice` picks
+  them; returns the name of the BLAS in use."""
+  setting = os.environ.get('PERCEIVER_BLAS', 'auto')
+  path = _mkl_path()
+  choice = blas_choice(setting, _vendor(), path is not None)
+  if setting == 'mkl' and path is None:
+    logging.warning('PERCEIVER_BLAS=mkl, but the mkl wheel is not installed '
+                    '(requirements.txt): using OpenBLAS')
+  if choice == 'openblas':
+    return choice
+  try:
+    mkl = ctypes.CDLL(str(path))
+    # Before MKL's first computation; refused (another value returned) if
+    # MKL already runs in this process with other layers.
+    if (mkl.MKL_Set_Interface_Layer(_MKL_LP64) != _MKL_LP64 or
+        mkl.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL) != _MKL_SEQUENTIAL):
+      raise OSError('MKL would not switch to its sequential LP64 layers')
+    gemms = [ctypes.cast(getattr(mkl, name), ctypes.c_void_p)
+             for name in ('cblas_sgemm', 'cblas_dgemm')]
+  except (OSError, AttributeError) as e:
+    logging.warning('MKL (%s) unusable, using OpenBLAS: %s', path, e)
+    return 'openblas'
+  library.PerceiverUseGemm(*gemms)
+  _state['mkl'] = mkl
+  return choice
+
+
 def _load():
   """Builds, loads and registers the library once; False if unavailable."""
   with _lock:
@@ -137,6 +213,7 @@ def _load():
     try:
       library = ctypes.CDLL(str(build()))
       library.PerceiverBlasSingleThreaded()
+      _state['blas'] = _use_blas(library)
       for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(library, symbol)),
@@ -153,6 +230,12 @@ def _load():
 def available() -> bool:
   """Whether the CPU library is built and registered (builds it if needed)."""
   return _load()
+
+
+def blas() -> str | None:
+  """The GEMMs the library calls ('mkl' or 'openblas'; `blas_choice`), or
+  None where the library is unavailable."""
+  return str(_state['blas']) if _load() else None
 
 
 def why_unavailable() -> str | None:
