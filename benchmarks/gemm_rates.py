@@ -59,10 +59,12 @@ def _libraries() -> dict[str, Callable]:
       scipy_openblas32.get_lib_dir(), 'libscipy_openblas*.so'))[0])
   openblas.scipy_openblas_set_num_threads(1)
   found['openblas'] = openblas.scipy_cblas_sgemm
-  path = library._mkl_path()  # pylint: disable=protected-access
+  path = library.mkl_path()
   if path is not None:
     mkl = ctypes.CDLL(str(path))
-    if mkl.MKL_Set_Threading_Layer(1) == 1:  # MKL_THREADING_SEQUENTIAL
+    # MKL_INTERFACE_LP64 and MKL_THREADING_SEQUENTIAL, as the library sets.
+    if (mkl.MKL_Set_Interface_Layer(0) == 0 and
+        mkl.MKL_Set_Threading_Layer(1) == 1):
       found['mkl'] = mkl.cblas_sgemm
   return {name: _caller(fn) for name, fn in found.items()}
 

@@ -11,7 +11,7 @@ def test_every_shape_is_timed_for_every_library(capsys):
   gemm_rates.main(['--shapes', '8x4x16:NN', '4x8x16:TN', '--rounds=1',
                    '--seconds=0.001', '--threads=2'])
   lines = capsys.readouterr().out.splitlines()
-  names = ['openblas'] + (['mkl'] if library._mkl_path() else [])  # pylint: disable=protected-access
+  names = ['openblas'] + (['mkl'] if library.mkl_path() else [])
   assert lines[0].endswith('libraries: ' + ', '.join(names))
   assert lines[1] == '| m, n, k | form | ' + ' | '.join(
       f'{name} x {t}' for t in (1, 2) for name in names) + ' |'

@@ -403,7 +403,7 @@ print('blas', native.blas())
 
 @pytest.mark.parametrize('setting', ['openblas', 'mkl'])
 def test_each_blas_computes_the_products(setting):
-  if setting == 'mkl' and library._mkl_path() is None:  # pylint: disable=protected-access
+  if setting == 'mkl' and library.mkl_path() is None:
     pytest.skip('the mkl wheel is not installed here')
   result = _run(_BLAS_CHECK, PERCEIVER_BLAS=setting, JAX_ENABLE_X64='1')
   assert result.returncode == 0, result.stderr

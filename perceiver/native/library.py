@@ -87,16 +87,25 @@ def _toolchain():
           scipy_openblas32.get_lib_dir())
 
 
+def _cpuinfo(*keys: str) -> str | None:
+  """The value of the first /proc/cpuinfo line that starts with one of
+  `keys` (Linux), else None."""
+  try:
+    with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+      for line in f:
+        if line.startswith(keys):
+          return line.split(':', 1)[-1].strip()
+  except OSError:
+    pass
+  return None
+
+
 def _processor() -> bytes:
   """What -march=native compiles for: the processor's feature flags (Linux),
   else the platform's own description."""
-  try:
-    with open('/proc/cpuinfo', 'rb') as f:
-      for line in f:
-        if line.startswith((b'flags', b'Features')):
-          return line.strip()
-  except OSError:
-    pass
+  flags = _cpuinfo('flags', 'Features')
+  if flags is not None:
+    return flags.encode()
   return f'{platform.machine()} {platform.processor()}'.encode()
 
 
@@ -129,19 +138,7 @@ def build() -> pathlib.Path:
   return path
 
 
-def _vendor() -> str:
-  """The processor's vendor_id (Linux; '' where /proc/cpuinfo has none)."""
-  try:
-    with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
-      for line in f:
-        if line.startswith('vendor_id'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
-
-
-def _mkl_path() -> pathlib.Path | None:
+def mkl_path() -> pathlib.Path | None:
   """libmkl_rt of the `mkl` wheel (requirements.txt, x86-64 Linux), if
   installed."""
   try:
@@ -158,10 +155,10 @@ def blas_choice(setting: str, vendor: str, mkl_installed: bool) -> str:
   """Which GEMMs the library calls: 'mkl' or 'openblas'.
 
   `setting` is $PERCEIVER_BLAS: 'openblas', 'mkl' (where installed), or
-  'auto' (the default): MKL on Intel processors, OpenBLAS elsewhere. Both
-  single-threaded on the same shapes (benchmarks/RESULTS.md): on an Intel
-  Xeon with AVX-512 MKL's was the faster, on AMD EPYC (Zen, AVX2)
-  OpenBLAS's.
+  'auto' (the default): MKL on Intel processors, OpenBLAS elsewhere. On W1's
+  shapes MKL's sequential GEMM was the faster on an Intel Xeon with AVX-512,
+  OpenBLAS's on an AMD EPYC with AVX2 (benchmarks/RESULTS.md;
+  benchmarks/gemm_rates.py measures a machine).
   """
   if setting not in BLAS_SETTINGS:
     raise BuildError(f'PERCEIVER_BLAS={setting!r}: expected one of '
@@ -177,8 +174,9 @@ def _use_blas(library: ctypes.CDLL) -> str:
   """Hands the library MKL's sequential GEMMs where `blas_choice` picks
   them; returns the name of the BLAS in use."""
   setting = os.environ.get('PERCEIVER_BLAS', 'auto')
-  path = _mkl_path()
-  choice = blas_choice(setting, _vendor(), path is not None)
+  path = mkl_path()
+  vendor = _cpuinfo('vendor_id') or ''
+  choice = blas_choice(setting, vendor, path is not None)
   if setting == 'mkl' and path is None:
     logging.warning('PERCEIVER_BLAS=mkl, but the mkl wheel is not installed '
                     '(requirements.txt): using OpenBLAS')
