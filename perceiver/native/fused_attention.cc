@@ -345,35 +345,35 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
       forward, perceiver::AttentionForward<dtype>,                      \
       xla::ffi::Ffi::Bind()                                             \
           .Ctx<xla::ffi::ThreadPool>()                                  \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Ret<xla::ffi::Buffer<dtype>>()                                       \
-          .Ret<xla::ffi::Buffer<dtype>>()                                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Ret<xla::ffi::Buffer<dtype>>()                               \
+          .Ret<xla::ffi::Buffer<dtype>>()                               \
           .Attrs<perceiver::Attrs>());                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                        \
       backward, perceiver::AttentionBackward<dtype>,                    \
       xla::ffi::Ffi::Bind()                                             \
           .Ctx<xla::ffi::ThreadPool>()                                  \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Ret<xla::ffi::Buffer<dtype>>()                                       \
-          .Ret<xla::ffi::Buffer<dtype>>()                                       \
-          .Ret<xla::ffi::Buffer<dtype>>()                                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Ret<xla::ffi::Buffer<dtype>>()                               \
+          .Ret<xla::ffi::Buffer<dtype>>()                               \
+          .Ret<xla::ffi::Buffer<dtype>>()                               \
           .Attrs<perceiver::Attrs>());                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                        \
       packed, perceiver::AttentionBackwardPacked<dtype>,                \
       xla::ffi::Ffi::Bind()                                             \
           .Ctx<xla::ffi::ThreadPool>()                                  \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Arg<xla::ffi::Buffer<dtype>>()                                       \
-          .Ret<xla::ffi::Buffer<dtype>>()                                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Arg<xla::ffi::Buffer<dtype>>()                               \
+          .Ret<xla::ffi::Buffer<dtype>>()                               \
           .Attrs<perceiver::Attrs>());
 
 PERCEIVER_DEFINE_ATTENTION(PerceiverAttentionForwardF32,
