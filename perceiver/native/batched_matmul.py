@@ -1,5 +1,5 @@
 """native.matmul: op(a) @ op(b) over matching leading axes, on the CPU as
-batched_matmul.cc's OpenBLAS GEMMs (perceiver/native/__init__.py)."""
+batched_matmul.cc's GEMMs, MKL's or OpenBLAS's (see __init__.py)."""
 
 from __future__ import annotations
 
@@ -98,9 +98,7 @@ def _partition(transpose_a, transpose_b, mesh, arg_shapes, result_shape):
   if split is None:
     # No mesh to name axes by (shardings given as HLO shardings, not over a
     # mesh): every device computes the whole product, as XLA would.
-    from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
-    devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
-    whole = sharding_impls.GSPMDSharding.get_replicated(devices)
+    whole = library.replicated(arg_shapes)
     return mesh, functools.partial(
         _library_call, transpose_a=transpose_a, transpose_b=transpose_b
     ), whole, (whole, whole)
@@ -146,12 +144,8 @@ def _cpu_product(transpose_a: bool, transpose_b: bool):
 
   @product.def_vmap
   def product_vmap(axis_size, in_batched, a, b):
-    a_batched, b_batched = in_batched
-    if not a_batched:
-      a = jnp.broadcast_to(a, (axis_size,) + a.shape)
-    if not b_batched:
-      b = jnp.broadcast_to(b, (axis_size,) + b.shape)
-    return product(a, b), True
+    return product(*library.broadcast_unmapped(axis_size, in_batched,
+                                               (a, b))), True
 
   return product
 
@@ -161,9 +155,7 @@ def _product(a, b, transpose_a: bool, transpose_b: bool):
   _out_shape(a, b, transpose_a, transpose_b)  # checks the shapes
   target = library.MATMUL_TARGETS.get(jnp.dtype(a.dtype))
   if (target is None or a.dtype != b.dtype
-      or max(a.shape[-2:] + b.shape[-2:]) > library.INT32_MAX
-      or jax.default_backend() != 'cpu' or not library.available()):
-    # (On a GPU or TPU host the library is not even built.)
+      or not library.runs_here(*a.shape[-2:], *b.shape[-2:])):
     return _xla_product(a, b, transpose_a, transpose_b)
   return jax.lax.platform_dependent(
       a, b,

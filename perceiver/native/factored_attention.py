@@ -73,10 +73,8 @@ def _targets(*operands):
   targets = library.FACTORED_TARGETS.get(jnp.dtype(operands[0].dtype))
   q, raw = operands[:2]
   if (targets is None or any(x.dtype != q.dtype for x in operands)
-      or raw.shape[1] == 0
-      or max(raw.shape + q.shape) > library.INT32_MAX
-      or jax.default_backend() != 'cpu' or not library.available()):
-    return None  # (On a GPU or TPU host the library is not even built.)
+      or raw.shape[1] == 0 or not library.runs_here(*raw.shape, *q.shape)):
+    return None
   return targets
 
 
@@ -143,9 +141,7 @@ def _cpu_call(target: str, backward: bool, a: Heads):
     del result_shape
     found = batch_spec(arg_shapes)
     if found is None:  # HLO shardings: every device computes the whole
-      from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
-      devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
-      whole = sharding_impls.GSPMDSharding.get_replicated(devices)
+      whole = library.replicated(arg_shapes)
       return (mesh, call, (whole,) * num_results, (whole,) * len(arg_shapes))
     mesh, batch = found
     out, args = shardings(mesh, batch, arg_shapes)
@@ -169,8 +165,7 @@ def _cpu_call(target: str, backward: bool, a: Heads):
 
   @batched.def_vmap
   def batched_vmap(axis_size, in_batched, *operands):
-    operands = [x if mapped else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                for x, mapped in zip(operands, in_batched)]
+    operands = library.broadcast_unmapped(axis_size, in_batched, operands)
     if backward:
       reference = functools.partial(_reference_backward, a=a)
     else:

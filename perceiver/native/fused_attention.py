@@ -148,9 +148,8 @@ def _targets(q, k, v):
   targets = library.ATTENTION_TARGETS.get(jnp.dtype(q.dtype))
   if (targets is None or not q.dtype == k.dtype == v.dtype
       or k.shape[1] == 0 or q.shape[1] == 0
-      or max(q.shape[1:] + k.shape[1:] + v.shape[1:]) > library.INT32_MAX
-      or jax.default_backend() != 'cpu' or not library.available()):
-    return None  # (On a GPU or TPU host the library is not even built.)
+      or not library.runs_here(*q.shape[1:], *k.shape[1:], *v.shape[1:])):
+    return None
   return targets
 
 
@@ -198,7 +197,8 @@ def _cpu_call(target: str, kind: str, a: Heads):
       return None
     first = arg_shapes[0].sharding
     batch = (tuple(first.spec) + (None,))[0]
-    spec = lambda x: NamedSharding(first.mesh, P(batch, *(None,) * (x.ndim - 1)))
+    spec = lambda x: NamedSharding(first.mesh,
+                                   P(batch, *(None,) * (x.ndim - 1)))
     results = jax.tree.leaves(result_shapes)
     out = tuple(spec(x) for x in results)
     return (out if num_results > 1 else out[0]), tuple(
@@ -214,9 +214,7 @@ def _cpu_call(target: str, kind: str, a: Heads):
     if found is None:
       # No mesh to name axes by (shardings given as HLO shardings): every
       # device computes the whole, as XLA would.
-      from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
-      devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
-      whole = sharding_impls.GSPMDSharding.get_replicated(devices)
+      whole = library.replicated(arg_shapes)
       out = (whole,) * num_results
       return (mesh, call, out if num_results > 1 else whole,
               (whole,) * len(arg_shapes))
@@ -234,8 +232,8 @@ def _cpu_call(target: str, kind: str, a: Heads):
   @batched.def_vmap
   def batched_vmap(axis_size, in_batched, *operands):
     fold = lambda x: x.reshape((-1,) + x.shape[2:])
-    operands = [fold(x if mapped else jnp.broadcast_to(x, (axis_size,) + x.shape))
-                for x, mapped in zip(operands, in_batched)]
+    operands = [fold(x) for x in library.broadcast_unmapped(
+        axis_size, in_batched, operands)]
     unfold = lambda x: x.reshape((axis_size, -1) + x.shape[1:])
     out = jax.tree.map(unfold, batched(*operands))
     return out, jax.tree.map(lambda _: True, out)

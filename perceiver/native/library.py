@@ -241,6 +241,30 @@ def why_unavailable() -> str | None:
   return None if _load() else str(_state.get('why'))
 
 
+def runs_here(*sizes: int) -> bool:
+  """Whether a call of the library can compute here: the default backend is
+  the CPU, the library is built, and no dimension (`sizes`) passes OpenBLAS's
+  and MKL's 32-bit limit. (On a GPU or TPU host it is not even built.)"""
+  return (max(sizes, default=0) <= INT32_MAX
+          and jax.default_backend() == 'cpu' and available())
+
+
+def replicated(arg_shapes):
+  """The sharding of the whole array on every device of the operands: a
+  partition callback's answer when the operands carry HLO shardings, not
+  ones over a mesh (every device then computes the whole, as XLA would)."""
+  from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
+  devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
+  return sharding_impls.GSPMDSharding.get_replicated(devices)
+
+
+def broadcast_unmapped(axis_size: int, in_batched, operands) -> list:
+  """A vmap rule's operands with the vmapped axis leading on each: the
+  unmapped ones broadcast along it."""
+  return [x if mapped else jnp.broadcast_to(x, (axis_size,) + x.shape)
+          for x, mapped in zip(operands, in_batched)]
+
+
 _CALL = re.compile(
     r'custom_call_target="perceiver_(\w+?)_f(?:32|64)", '
     r'operand_layout_constraints=\{(.*?)\}, api_version.*?'
