@@ -46,7 +46,9 @@ one warning naming the cause and falls back to XLA.
 Its GEMMs are OpenBLAS's, or, on Intel processors where the `mkl` wheel is
 installed (requirements.txt, x86-64 Linux), MKL's sequential ones, handed
 to the library when it loads: `PERCEIVER_BLAS=auto|openblas|mkl` (default
-auto), `blas()` says which (library.blas_choice).
+auto), `blas()` says which (library.blas_choice). Inside the diagnostic
+`library.gemms_skipped()` they return without computing, to time what a
+step spends outside them (benchmarks/gemm_share.py).
 """
 
 from perceiver.native.batched_matmul import matmul

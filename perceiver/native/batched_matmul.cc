@@ -126,3 +126,20 @@ extern "C" void PerceiverUseGemm(void* sgemm, void* dgemm) {
   perceiver::dgemm = dgemm ? reinterpret_cast<perceiver::DgemmFn>(dgemm)
                            : &scipy_cblas_dgemm;
 }
+
+// GEMMs that return at once, leaving C as it was: a diagnostic that times
+// what a step spends outside its matrix products (library.gemms_skipped,
+// benchmarks/gemm_share.py). Any result computed with them is meaningless.
+namespace {
+constexpr perceiver::SgemmFn kSkipSgemm = [](auto...) {};
+constexpr perceiver::DgemmFn kSkipDgemm = [](auto...) {};
+}  // namespace
+
+// Writes the GEMMs in use to *sgemm and *dgemm and puts the no-op ones above
+// in their place; PerceiverUseGemm with the written pointers restores them.
+extern "C" void PerceiverSkipGemms(void** sgemm, void** dgemm) {
+  *sgemm = reinterpret_cast<void*>(perceiver::sgemm);
+  *dgemm = reinterpret_cast<void*>(perceiver::dgemm);
+  perceiver::sgemm = kSkipSgemm;
+  perceiver::dgemm = kSkipDgemm;
+}

@@ -3,6 +3,7 @@ and counting the FLOPs of its calls in compiled HLO."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -234,6 +235,31 @@ def blas() -> str | None:
   """The GEMMs the library calls ('mkl' or 'openblas'; `blas_choice`), or
   None where the library is unavailable."""
   return str(_state['blas']) if _load() else None
+
+
+@contextlib.contextmanager
+def gemms_skipped():
+  """Within: every GEMM of the library returns at once without computing.
+
+  A diagnostic, not a mode: what the library's calls return is meaningless
+  (their products are left as the output buffers were). Timing a compiled
+  step with and without it splits the step into its matrix products and the
+  rest (benchmarks/gemm_share.py). XLA's own dots are not affected. Enter
+  and leave it between calls, not while a computation runs (the GEMMs are
+  one plain pointer each). Raises BuildError where the library is
+  unavailable.
+  """
+  if not _load():
+    raise BuildError(f'perceiver.native unavailable: {_state.get("why")}')
+  library = _state['library']
+  sgemm, dgemm = ctypes.c_void_p(), ctypes.c_void_p()
+  with _lock:
+    library.PerceiverSkipGemms(ctypes.byref(sgemm), ctypes.byref(dgemm))
+  try:
+    yield
+  finally:
+    with _lock:
+      library.PerceiverUseGemm(sgemm, dgemm)
 
 
 def why_unavailable() -> str | None:
