@@ -7,6 +7,7 @@ Not part of the project's requirements: run it in its own environment,
   .venv-torch/bin/python benchmarks/hf_perceiver_w1.py            # W1
   .venv-torch/bin/python benchmarks/hf_perceiver_w1.py \
       --side=128 --batch_size=4 --forward --json    # W2 at M = 16,384
+  .venv-torch/bin/python benchmarks/hf_perceiver_w1.py --profile  # GEMM share
 The side-by-side comparison on equal terms, both malloc policies, is
 `python -m benchmarks.compare_pytorch` (run from the project's venv).
 
@@ -25,7 +26,11 @@ train step. Each call is timed on its own (CPU tensors: a call has finished
 when it returns) after --warmup calls. Prints the parameter count and the
 median times; with --json instead one line of JSON with every call's time and
 the process's peak resident memory (VmHWM) after the forward phase and at the
-end, for benchmarks/compare_pytorch.py.
+end, for benchmarks/compare_pytorch.py. With --profile, the timed train steps
+are followed by --iterations more under torch.profiler, and the time per step
+in PyTorch's matrix products (aten::mm, addmm, bmm, baddbmm, self time) is
+printed beside the profiled step: the peer's side of
+benchmarks/gemm_share.py.
 """
 
 import argparse
@@ -91,6 +96,22 @@ def time_calls(fn, iterations, warmup):
   return times
 
 
+GEMM_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')
+
+
+def gemm_split(fn, iterations):
+  """(seconds per profiled call of fn, seconds per call in GEMM_OPS)."""
+  from torch import profiler  # pylint: disable=g-import-not-at-top
+  with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    for _ in range(iterations):
+      fn()
+    seconds = time.perf_counter() - start
+  gemms = sum(e.self_cpu_time_total for e in prof.key_averages()
+              if e.key in GEMM_OPS) / 1e6  # microseconds
+  return seconds / iterations, gemms / iterations
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--iterations', type=int, default=5)
@@ -105,6 +126,9 @@ def main():
                       help='also time the forward pass alone (first)')
   parser.add_argument('--json', action='store_true',
                       help='print one JSON line instead of text')
+  parser.add_argument('--profile', action='store_true',
+                      help='then profile --iterations train steps: the time '
+                           'in matrix products')
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -139,6 +163,9 @@ def main():
     model.train()
   result['train_s'] = time_calls(step, args.iterations, args.warmup)
   result['rss_peak_gib'] = peak_rss_gib()
+  if args.profile:
+    result['profiled_train_s'], result['gemm_s'] = gemm_split(
+        step, args.iterations)
   if args.json:
     print(json.dumps(result), flush=True)
     return
@@ -151,6 +178,11 @@ def main():
       label = 'train step' if name == 'train' else 'forward'
       print(f'{label}: median {statistics.median(times):.3f} s, '
             f'min {min(times):.3f} s over {args.iterations} calls')
+  if args.profile:
+    step_s, gemm_s = result['profiled_train_s'], result['gemm_s']
+    print(f'profiled train step: {step_s:.3f} s, of which matrix products '
+          f'({", ".join(GEMM_OPS)}) {gemm_s:.3f} s ({gemm_s / step_s:.0%}), '
+          f'the rest {step_s - gemm_s:.3f} s')
 
 
 if __name__ == '__main__':
