@@ -1,8 +1,8 @@
 r"""How much of a train step is its matrix products: the step timed with the
 library's GEMMs and with every GEMM skipped, alternately in one process.
 
-  python benchmarks/gemm_share.py                      # W1, freed memory retained
-  python benchmarks/gemm_share.py --workload=W2:side=32 --host_memory=system
+  python benchmarks/gemm_share.py                      # W1
+  python benchmarks/gemm_share.py --workload=W2:side=32
   python benchmarks/gemm_share.py --config=configs/imagenet.py:synthetic  # a config
 
 perceiver/native computes every product of the model's layers and attention
@@ -16,7 +16,11 @@ of them GEMM FLOPs) it gives the GEMMs' rate inside the step, to set against
 benchmarks/gemm_rates.py's rates of the same GEMMs alone. Each step starts
 from a copy of the same initial state (a skipped step's parameters are
 garbage), the two variants in turn A B B A ..., so the machine's drift hits
-both; the figures are medians.
+both; the figures are medians. Freed memory is retained
+(experiments/host_memory.py): under malloc's defaults each step faults its
+temporaries in afresh, and a skipped product leaves its output's pages to be
+faulted by whatever touches them next, so the split would move faults
+between the two sides rather than measure the products.
 
 The PyTorch peer's split comes from its profiler:
   .venv-torch/bin/python benchmarks/hf_perceiver_w1.py --profile
@@ -55,9 +59,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='timed pairs (one step of each variant)')
   parser.add_argument('--warmup', type=int, default=3,
                       help='untimed pairs first')
-  parser.add_argument('--host_memory', default='retain',
-                      choices=('retain', 'system'),
-                      help='experiments/host_memory.py policy')
   args = parser.parse_args(argv)
   if args.pairs < 1 or args.warmup < 0:
     parser.error('--pairs must be positive and --warmup not negative')
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   from experiments import host_memory
-  host_memory.configure(args.host_memory)  # before JAX starts its backends
+  host_memory.configure('retain')  # before JAX starts its backends
   import jax
   from experiments import config_loader
   from experiments import parallel
@@ -112,9 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       if i >= args.warmup:
         times[skip].append(seconds)
   result = split(times[False], times[True], flops)
-  print(f'{name}, batch {batch_size}, GEMMs: {native.blas()}, '
-        f'host memory: {args.host_memory}, {args.pairs} pairs of steps '
-        f'(medians)')
+  print(f'{name}, batch {batch_size}, GEMMs: {native.blas()}, freed memory '
+        f'retained, {args.pairs} pairs of steps (medians)')
   print('| train step (s) | GEMMs skipped (s) | GEMMs (s) | GEMM share | '
         'library FLOPs (G) | GEMM GFLOP/s in the step |')
   print('|---:|---:|---:|---:|---:|---:|')
