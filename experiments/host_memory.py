@@ -95,6 +95,32 @@ def retain_freed_memory() -> bool:
   return ok
 
 
+CPU_HEAP_BYTES = 8 * 2**20  # compiler_options' largest block of temporaries
+
+
+def compiler_options(mesh) -> dict[str, int] | None:
+  """XLA options for a step jitted over `mesh`: on CPU, the step's
+  temporaries in blocks ("heaps") of at most CPU_HEAP_BYTES instead of one
+  (an array larger than that gets a block of its own); elsewhere None.
+
+  XLA:CPU mallocs a step's temporaries and frees them when it ends. Under
+  malloc's defaults glibc maps a block above its mmap threshold afresh (the
+  threshold starts at 128 KiB and rises, to at most 32 MiB, to the size of
+  each mapped block freed), and the kernel faults in and zeroes every page
+  of it again at the next step: on workload W2 at M = 1,024 one block of
+  264 MB, ~72k faults and ~100 ms of a ~0.4 s step. Blocks of 8 MiB fall
+  under the threshold once it has risen, from the step's first frees on,
+  and are reused from malloc's heap (what glibc trims off the heap's top is
+  still faulted in again). With freed memory retained
+  (`retain_freed_memory`) nothing is mapped afresh either way, and the split
+  changes nothing measurable. Measurements: benchmarks/RESULTS.md
+  (2026-12-07, "XLA's temporaries in 8 MiB blocks").
+  """
+  if {d.platform for d in mesh.devices.flat} != {'cpu'}:
+    return None
+  return {'xla_multiheap_size_constraint_per_heap': CPU_HEAP_BYTES}
+
+
 def define_flag() -> flags.FlagHolder:
   """Defines --host_memory (for a program's own flags; see `configure`)."""
   return flags.DEFINE_enum(

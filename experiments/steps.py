@@ -12,7 +12,8 @@ S one example's input shape (config.input_shape; a dict for audio+video).
   eval_step   (params, state, batch) -> masked sums (+ scores for mAP).
 
 All are `jax.jit`s over a mesh: batch split on 'data', state replicated,
-state and metrics donated.
+state and metrics donated; on CPU the steps' temporaries come in blocks of
+at most 8 MiB (host_memory.compiler_options).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from experiments import host_memory
 from experiments import losses
 from experiments import metrics
 from experiments import mixing
@@ -118,7 +120,8 @@ def make_train_step(config, model, optimizer, mesh):
 
   rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(train_step, in_shardings=(rep, rep, data),
-                 out_shardings=(rep, rep), donate_argnums=(0, 1))
+                 out_shardings=(rep, rep), donate_argnums=(0, 1),
+                 compiler_options=host_memory.compiler_options(mesh))
 
 
 def _example_ranks(input_shape) -> Any:
@@ -175,4 +178,5 @@ def make_eval_step(config, model, mesh):
     return out
 
   rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jax.jit(eval_step, in_shardings=(rep, rep, data), out_shardings=rep)
+  return jax.jit(eval_step, in_shardings=(rep, rep, data), out_shardings=rep,
+                 compiler_options=host_memory.compiler_options(mesh))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from experiments import host_memory
@@ -64,3 +65,61 @@ def test_auto_leaves_malloc_alone_when_an_accelerator_is_asked_for():
 def test_unknown_mode_is_a_clear_error():
   with pytest.raises(ValueError, match=r"--host_memory must be one of .*'x'"):
     host_memory.configure('x')
+
+
+# Times nothing: counts the minor page faults of W2's train step at M = 1,024
+# under malloc's defaults, its temporaries in one block ('one') or in the
+# blocks of host_memory.compiler_options ('heaps'); prints the median over
+# steps 4-11 (glibc's mmap threshold rises over the first frees).
+_STEP_FAULTS = textwrap.dedent('''
+    import resource, statistics, sys
+    from experiments import host_memory
+    host_memory.configure('system')
+    import jax
+    from experiments import parallel, steps
+    from launch import benchmark
+    if sys.argv[1] == 'one':
+      host_memory.compiler_options = lambda mesh: None
+    config, batch_size = benchmark.workload('W2:side=32')
+    mesh = parallel.make_mesh()
+    model, optimizer = benchmark.model_and_optimizer(config)
+    state = steps.create_train_state(config, model, optimizer, mesh)
+    sums = steps.zero_metrics(mesh)
+    batch = benchmark.random_batch(config, batch_size, mesh)
+    step = steps.make_train_step(config, model, optimizer, mesh)
+    faults = []
+    for _ in range(12):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      state, sums = jax.block_until_ready(step(state, sums, batch))
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(statistics.median(faults[4:]))
+''')
+
+
+def test_compiler_options_only_on_cpu():
+  class Device:
+    def __init__(self, platform):
+      self.platform = platform
+
+  class Mesh:
+    def __init__(self, *platforms):
+      self.devices = np.array([Device(p) for p in platforms])
+
+  assert host_memory.compiler_options(Mesh('cpu', 'cpu')) == {
+      'xla_multiheap_size_constraint_per_heap': host_memory.CPU_HEAP_BYTES}
+  assert host_memory.compiler_options(Mesh('gpu')) is None
+  assert host_memory.compiler_options(Mesh('cpu', 'tpu')) is None
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason='needs glibc')
+def test_temporaries_in_small_blocks_are_reused_under_malloc_defaults():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=_ROOT)
+  faults = {}
+  for layout in ('one', 'heaps'):
+    out = subprocess.run([sys.executable, '-c', _STEP_FAULTS, layout],
+                         env=env, cwd=_ROOT, capture_output=True, text=True,
+                         timeout=300, check=True)
+    faults[layout] = float(out.stdout.split()[-1])
+  # One block: every page of ~260 MB of temporaries each step (~64k faults).
+  assert faults['one'] > 40_000, faults
+  assert faults['heaps'] < 0.5 * faults['one'], faults
