@@ -92,31 +92,37 @@ def retain_freed_memory() -> bool:
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
   if not ok:
     logging.warning('host_memory: glibc refused a mallopt setting.')
+  _retained[0] = _retained[0] or ok
   return ok
+
+
+_retained = [False]  # whether retain_freed_memory has taken effect here
 
 
 CPU_HEAP_BYTES = 8 * 2**20  # compiler_options' largest block of temporaries
 
 
 def compiler_options(mesh) -> dict[str, int] | None:
-  """XLA options for a step jitted over `mesh`: on CPU, the step's
-  temporaries in blocks ("heaps") of at most CPU_HEAP_BYTES instead of one
-  (an array larger than that gets a block of its own); elsewhere None.
+  """XLA options for a step jitted over `mesh`: on CPU, where freed memory is
+  not retained (`retain_freed_memory`), the step's temporaries in blocks
+  ("heaps") of at most CPU_HEAP_BYTES instead of one (an array larger than
+  that gets a block of its own); otherwise None.
 
   XLA:CPU mallocs a step's temporaries and frees them when it ends. Under
   malloc's defaults glibc maps a block above its mmap threshold afresh (the
   threshold starts at 128 KiB and rises, to at most 32 MiB, to the size of
   each mapped block freed), and the kernel faults in and zeroes every page
   of it again at the next step: on workload W2 at M = 1,024 one block of
-  264 MB, ~72k faults and ~100 ms of a ~0.4 s step. Blocks of 8 MiB fall
-  under the threshold once it has risen, from the step's first frees on,
-  and are reused from malloc's heap (what glibc trims off the heap's top is
-  still faulted in again). With freed memory retained
-  (`retain_freed_memory`) nothing is mapped afresh either way, and the split
-  changes nothing measurable. Measurements: benchmarks/RESULTS.md
-  (2026-12-07, "XLA's temporaries in 8 MiB blocks").
+  264 MB, ~72k faults and ~15% of the step. Blocks of 8 MiB fall under the
+  threshold once it has risen and are mostly reused from malloc's heap
+  (what glibc trims off the heap's top is faulted in again): ~3-10k faults.
+  The price is the heap malloc keeps: the process's peak resident memory
+  grows (W2 at M = 1,024 by ~0.3 GiB, W1 by ~1.3 GiB). With freed memory
+  retained nothing is mapped afresh either way, so the blocks would cost
+  memory for no speed. Measurements: benchmarks/RESULTS.md (2026-12-07,
+  "XLA's temporaries in 8 MiB blocks").
   """
-  if {d.platform for d in mesh.devices.flat} != {'cpu'}:
+  if _retained[0] or {d.platform for d in mesh.devices.flat} != {'cpu'}:
     return None
   return {'xla_multiheap_size_constraint_per_heap': CPU_HEAP_BYTES}
 

@@ -12,8 +12,8 @@ S one example's input shape (config.input_shape; a dict for audio+video).
   eval_step   (params, state, batch) -> masked sums (+ scores for mAP).
 
 All are `jax.jit`s over a mesh: batch split on 'data', state replicated,
-state and metrics donated; on CPU the steps' temporaries come in blocks of
-at most 8 MiB (host_memory.compiler_options).
+state and metrics donated; on CPU under malloc's defaults the steps'
+temporaries come in blocks of at most 8 MiB (host_memory.compiler_options).
 """
 
 from __future__ import annotations

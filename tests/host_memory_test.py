@@ -96,7 +96,7 @@ _STEP_FAULTS = textwrap.dedent('''
 ''')
 
 
-def test_compiler_options_only_on_cpu():
+def test_compiler_options_only_on_cpu_without_retained_memory(monkeypatch):
   class Device:
     def __init__(self, platform):
       self.platform = platform
@@ -109,6 +109,8 @@ def test_compiler_options_only_on_cpu():
       'xla_multiheap_size_constraint_per_heap': host_memory.CPU_HEAP_BYTES}
   assert host_memory.compiler_options(Mesh('gpu')) is None
   assert host_memory.compiler_options(Mesh('cpu', 'tpu')) is None
+  monkeypatch.setattr(host_memory, '_retained', [True])
+  assert host_memory.compiler_options(Mesh('cpu')) is None
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason='needs glibc')
