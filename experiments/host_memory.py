@@ -25,6 +25,11 @@ when the process computes on CPU alone.
 
 It must run before JAX starts its backends: a thread keeps the heap it first
 allocated from.
+
+Where freed memory is not retained, `compiler_options(mesh)` has a CPU
+step's temporaries compiled in blocks of at most 8 MiB instead of one, which
+malloc's heap reuses from step to step (experiments/steps.py passes it to
+jax.jit): fewer faults for a larger resident heap.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ MODES = ('auto', 'retain', 'system')
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h).
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+
+_retained = [False]  # whether retain_freed_memory has taken effect here
 
 
 def _glibc():
@@ -94,9 +101,6 @@ def retain_freed_memory() -> bool:
     logging.warning('host_memory: glibc refused a mallopt setting.')
   _retained[0] = _retained[0] or ok
   return ok
-
-
-_retained = [False]  # whether retain_freed_memory has taken effect here
 
 
 CPU_HEAP_BYTES = 8 * 2**20  # compiler_options' largest block of temporaries
