@@ -70,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   import jax
   from experiments import config_loader
   from experiments import parallel
-  from experiments import steps as steps_lib
   from launch import benchmark
   from perceiver import native
   # pylint: enable=g-import-not-at-top
@@ -86,11 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   except ValueError as e:  # setup.ConfigError among them
     sys.exit(f'gemm_share: {e}')
   mesh = parallel.make_mesh()
-  model, optimizer = benchmark.model_and_optimizer(config)
-  initial = steps_lib.create_train_state(config, model, optimizer, mesh)
-  sums = steps_lib.zero_metrics(mesh)
-  batch = benchmark.random_batch(config, batch_size, mesh)
-  train_step = steps_lib.make_train_step(config, model, optimizer, mesh)
+  train_step, initial, sums, batch = benchmark.train_step_inputs(
+      config, batch_size, mesh)
   compiled = train_step.lower(initial, sums, batch).compile()
   flops = native.hlo_flops(compiled.as_text()) * mesh.devices.size
 

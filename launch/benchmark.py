@@ -14,7 +14,8 @@ config's input shape; no dataset is read. A benchmark prints figures; it is
 not a timed test.
 
 Reuse: `benchmark_train_step(config, batch_size)` and `benchmark_matmul(n)`
-return dicts; `register_workload('W1')` adds a preset (a function of the
+return dicts; `train_step_inputs(config, batch_size, mesh)` the jitted step
+and what to call it with; `register_workload('W1')` adds a preset (a function of the
 preset's argument, the text after ':' in `--workload=NAME:ARG` or None,
 returning (config, batch_size)) that `--workload=W1` runs.
 """
@@ -106,6 +107,19 @@ def model_and_optimizer(config: ml_collections.ConfigDict):
                                           **config.optimizer.to_dict())
 
 
+def train_step_inputs(config: ml_collections.ConfigDict, batch_size: int,
+                      mesh) -> tuple[Any, Any, Any, Any]:
+  """(the runner's jitted train step, a fresh state, zero metric sums, a
+  random batch) for `config` at `batch_size` over `mesh`: what a benchmark
+  calls the step with."""
+  model, optimizer = model_and_optimizer(config)
+  state = steps_lib.create_train_state(config, model, optimizer, mesh)
+  sums = steps_lib.zero_metrics(mesh)
+  batch = random_batch(config, batch_size, mesh)
+  return (steps_lib.make_train_step(config, model, optimizer, mesh), state,
+          sums, batch)
+
+
 def benchmark_train_step(config: ml_collections.ConfigDict,
                          batch_size: Optional[int] = None, *, mesh=None,
                          iterations: int = 10, rounds: int = 3,
@@ -124,11 +138,7 @@ def benchmark_train_step(config: ml_collections.ConfigDict,
   mesh = mesh or parallel.make_mesh()
   batch_size = batch_size or config.batch_size
   parallel.check_batch_size(batch_size, mesh, jax.process_count())
-  model, optimizer = model_and_optimizer(config)
-  state = steps_lib.create_train_state(config, model, optimizer, mesh)
-  sums = steps_lib.zero_metrics(mesh)
-  batch = random_batch(config, batch_size, mesh)
-  train_step = steps_lib.make_train_step(config, model, optimizer, mesh)
+  train_step, state, sums, batch = train_step_inputs(config, batch_size, mesh)
   start = time.perf_counter()
   compiled = train_step.lower(state, sums, batch).compile()
   compile_time = time.perf_counter() - start

@@ -76,17 +76,13 @@ _STEP_FAULTS = textwrap.dedent('''
     from experiments import host_memory
     host_memory.configure('system')
     import jax
-    from experiments import parallel, steps
+    from experiments import parallel
     from launch import benchmark
     if sys.argv[1] == 'one':
       host_memory.compiler_options = lambda mesh: None
     config, batch_size = benchmark.workload('W2:side=32')
-    mesh = parallel.make_mesh()
-    model, optimizer = benchmark.model_and_optimizer(config)
-    state = steps.create_train_state(config, model, optimizer, mesh)
-    sums = steps.zero_metrics(mesh)
-    batch = benchmark.random_batch(config, batch_size, mesh)
-    step = steps.make_train_step(config, model, optimizer, mesh)
+    step, state, sums, batch = benchmark.train_step_inputs(
+        config, batch_size, parallel.make_mesh())
     faults = []
     for _ in range(12):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
