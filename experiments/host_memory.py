@@ -121,7 +121,7 @@ def compiler_options(mesh) -> dict[str, int] | None:
   threshold once it has risen and are mostly reused from malloc's heap
   (what glibc trims off the heap's top is faulted in again): ~3-10k faults.
   The price is the heap malloc keeps: the process's peak resident memory
-  grows (W2 at M = 1,024 by ~0.3 GiB, W1 by ~1.3 GiB). With freed memory
+  grows (W2 at M = 1,024 by ~0.3 GiB, W1 by ~1.4 GiB). With freed memory
   retained nothing is mapped afresh either way, so the blocks would cost
   memory for no speed. Measurements: benchmarks/RESULTS.md (2026-12-07,
   "XLA's temporaries in 8 MiB blocks").
