@@ -15,9 +15,10 @@ not a timed test.
 
 Reuse: `benchmark_train_step(config, batch_size)` and `benchmark_matmul(n)`
 return dicts; `train_step_inputs(config, batch_size, mesh)` the jitted step
-and what to call it with; `register_workload('W1')` adds a preset (a function of the
-preset's argument, the text after ':' in `--workload=NAME:ARG` or None,
-returning (config, batch_size)) that `--workload=W1` runs.
+and what to call it with; `register_workload('W1')` adds a preset (a
+function of the preset's argument, the text after ':' in
+`--workload=NAME:ARG` or None, returning (config, batch_size)) that
+`--workload=W1` runs.
 """
 
 from __future__ import annotations
