@@ -3,7 +3,7 @@ library's GEMMs and with every GEMM skipped, alternately in one process.
 
   python benchmarks/gemm_share.py                      # W1
   python benchmarks/gemm_share.py --workload=W2:side=32
-  python benchmarks/gemm_share.py --config=configs/fashion_mnist.py  # a config file
+  python benchmarks/gemm_share.py --config=configs/fashion_mnist.py
 
 perceiver/native computes every product of the model's layers and attention
 with a single-threaded GEMM per chunk of work (common.h). Inside
