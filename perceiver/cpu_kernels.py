@@ -25,8 +25,9 @@ outputs and gradients (tests/attention_test.py, tests/reference_test.py):
   LayerNorm scales and offsets, the latents, position features) as a product
   with a ones vector when the summed array is large (`_sum_leading`);
 - LayerNorm folded into the linear layer it feeds (`normalized_linear`:
-  x-hat (scale W) + (offset W + b), the normalised array never formed) and
-  GELU into the one it feeds (`gelu_linear`, recomputed in the backward
+  x-hat (scale W) + (offset W + b), the normalised array never formed; x-hat
+  and its gradient from `native.normalize` / `native.normalize_gradient`,
+  one visit per row) and GELU into the one it feeds (`gelu_linear`, recomputed in the backward
   pass), so that each pair keeps one array of its input's size for the
   backward pass (autodiff keeps four for a LayerNorm and its linear layer,
   six for a GELU and its linear layer; benchmarks/RESULTS.md has what it
@@ -131,19 +132,13 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 
 def _normalize(x):
   """(x-hat [..., I], the inverse deviations [..., 1]) of hk.LayerNorm over
-  the last axis (eps 1e-5)."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  inv = jax.lax.rsqrt(var + byte_array.LN_EPS)  # [..., 1]
-  return (x - mean) * inv, inv
+  the last axis (eps 1e-5): perceiver.native's row kernel on the CPU."""
+  return native.normalize(x, byte_array.LN_EPS)
 
 
 def _layer_norm_input_gradient(normalized, inv, d_normalized):
   """dx of LayerNorm from the gradient of x-hat."""
-  g = d_normalized
-  return inv * (g - jnp.mean(g, axis=-1, keepdims=True)
-                - normalized * jnp.mean(g * normalized, axis=-1,
-                                        keepdims=True))
+  return native.normalize_gradient(normalized, inv, d_normalized)
 
 
 @jax.custom_vjp

@@ -328,6 +328,85 @@ def test_factored_attention_shapes_that_do_not_fit_name_the_problem():
     native.factored_attention(*args, num_heads=3)
 
 
+def _layer_norm_rows(shape, dtype, seed=7):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(3 * rng.normal(size=shape) + 1, dtype)
+  return x, jnp.asarray(rng.normal(size=shape), dtype)
+
+
+def _float64_layer_norm(x, g):
+  """(x-hat, inv, dx) in float64 numpy: dx by the chain rule through the
+  mean and the variance, not by the formula the kernel uses."""
+  x, g = np.float64(x), np.float64(g)
+  d = x.shape[-1]
+  centered = x - x.mean(-1, keepdims=True)
+  inv = 1 / np.sqrt((centered ** 2).mean(-1, keepdims=True) + 1e-5)
+  x_hat = centered * inv
+  # d x-hat_j / d x_i = inv (delta_ij - 1/d - x-hat_i x-hat_j / d)
+  dx = inv * (g - g.sum(-1, keepdims=True) / d
+              - x_hat * (g * x_hat).sum(-1, keepdims=True) / d)
+  return x_hat, inv, dx
+
+
+# D = 1, 15 and 17 go through the kernel's loops' scalar tails.
+@pytest.mark.parametrize('shape', [(2, 3, 512), (5, 17), (4, 1, 15), (3, 1),
+                                   (2, 0, 8)])
+def test_layer_norm_rows_equal_float64(shape):
+  for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
+    with jax.enable_x64(dtype == jnp.float64):
+      x, g = _layer_norm_rows(shape, dtype)
+      x_hat, inv = jax.jit(lambda x: native.normalize(x, 1e-5))(x)
+      dx = jax.jit(native.normalize_gradient)(x_hat, inv, g)
+      want = _float64_layer_norm(x, g)
+      for got, expected in zip((x_hat, inv, dx), want):
+        assert got.dtype == dtype and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=tolerance,
+                                   atol=tolerance)
+      text = jax.jit(native.normalize_gradient).lower(x_hat, inv, g).as_text()
+      assert 'perceiver_layer_norm_backward' in text
+
+
+def test_layer_norm_rows_gradients_to_second_order():
+  with jax.enable_x64(True):
+    x, g = _layer_norm_rows((2, 3, 6), jnp.float64)
+    jtu.check_grads(lambda x: native.normalize(x, 1e-5), (x,), order=2,
+                    modes=['rev'])
+    x_hat, inv = native.normalize(x, 1e-5)
+    jtu.check_grads(native.normalize_gradient, (x_hat, inv, g), order=2,
+                    modes=['rev'])
+    # the kernels' pair is autodiff's gradient of the normalisation
+    _, vjp = jax.vjp(lambda x: native.normalize(x, 1e-5)[0], x)
+    np.testing.assert_allclose(native.normalize_gradient(x_hat, inv, g),
+                               vjp(g)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_layer_norm_rows_under_vmap_and_other_dtypes():
+  x, g = _layer_norm_rows((3, 4, 9), jnp.float32)
+  stacked = jnp.stack([x, 2 * x + 1])
+  x_hat, inv = jax.jit(jax.vmap(lambda x: native.normalize(x, 1e-5)))(stacked)
+  dx = jax.jit(jax.vmap(native.normalize_gradient, in_axes=(0, 0, None)))(
+      x_hat, inv, g)
+  for i in range(2):
+    want = _float64_layer_norm(stacked[i], g)
+    for got, expected in zip((x_hat[i], inv[i], dx[i]), want):
+      np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+  for y in (x.astype(jnp.bfloat16), x[0, 0]):  # XLA's: bf16, one axis
+    text = jax.jit(lambda y: native.normalize(y, 1e-5)).lower(y).as_text()
+    assert 'perceiver_layer_norm' not in text
+    np.testing.assert_allclose(
+        np.float32(native.normalize(y, 1e-5)[0]),
+        _float64_layer_norm(np.float32(y), np.float32(y))[0], atol=0.05)
+
+
+def test_layer_norm_rows_shapes_that_do_not_fit_name_the_problem():
+  x, g = _layer_norm_rows((2, 3, 4), jnp.float32)
+  x_hat, inv = native.normalize(x, 1e-5)
+  with pytest.raises(ValueError, match='inv \\[..., 1\\]; got'):
+    native.normalize_gradient(x_hat, inv[..., 0], g)
+  with pytest.raises(ValueError, match='must be \\[..., D\\]'):
+    native.normalize_gradient(x_hat, inv, g[:, :2])
+
+
 def _run(code: str, **env):
   return subprocess.run(
       [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
@@ -495,6 +574,7 @@ flops_two, _, _ = run(jax.devices()[:1], x[:2])
 assert 0 < flops_two == flops_8 < flops_1 / 7, (flops_two, flops_8, flops_1)
 # the attention kernels ran on each device's own examples, nothing gathered
 assert 'perceiver_attention_packed_f64' in text_8
+assert 'perceiver_layer_norm_backward_f64' in text_8
 assert 'all-gather' not in text_8, text_8
 for got, want in zip(jax.tree.leaves(grads_8), jax.tree.leaves(grads_1)):
   assert got.dtype == jnp.float64

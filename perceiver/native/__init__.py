@@ -1,10 +1,12 @@
-"""Batched matrix products and fused attention on XLA:CPU through a small
-FFI library.
+"""Batched matrix products, fused attention and LayerNorm's row arithmetic
+on XLA:CPU through a small FFI library.
 
   from perceiver import native
   c = native.matmul(a, b, transpose_b=True)   # a [..., m, k], b [..., n, k]
   o = native.attention(q, k, v, num_heads=8, scale=0.125)   # [B, T, H D]
   o = native.self_attention(qkv, num_heads=8, qk_width=512, scale=0.125)
+  x_hat, inv = native.normalize(x, eps=1e-5)   # x [..., D]
+  dx = native.normalize_gradient(x_hat, inv, d_x_hat)
 
 `matmul(a, b, transpose_a, transpose_b)` is op(a) @ op(b) over matching
 leading axes (op = identity or the transpose of the last two axes). On the CPU
@@ -24,9 +26,16 @@ query row's log-sum-exp instead of keeping them), so none of the
 [B, H, N, M] arrays is written to memory or kept for the backward pass, and
 no head is copied out of its rows.
 
+`normalize(x, eps)` is LayerNorm before its scale and offset, over the last
+axis: x-hat and the inverse deviations [..., 1]; `normalize_gradient` the
+gradient of x from that of x-hat. On the CPU they run layer_norm.cc, each row
+normalised (or its gradient formed) in one visit while it is in cache, the
+rows over XLA's pool, where XLA's own fusions of the same formulas make
+several passes over the array (benchmarks/RESULTS.md).
+
 Elsewhere (GPU, TPU: a host whose default backend is not the CPU does not
 build the library), for other dtypes than float32 and float64, and when the
-library is not available, both are the same computations in XLA
+library is not available, all of them are the same computations in XLA
 (tests/native_test.py checks each against the other and float64). Gradients
 of any order work; past the first, they are XLA's.
 
@@ -55,6 +64,8 @@ from perceiver.native.batched_matmul import matmul
 from perceiver.native.factored_attention import factored_attention
 from perceiver.native.fused_attention import attention
 from perceiver.native.fused_attention import self_attention
+from perceiver.native.layer_norm import normalize
+from perceiver.native.layer_norm import normalize_gradient
 from perceiver.native.library import available
 from perceiver.native.library import blas
 from perceiver.native.library import build
@@ -63,5 +74,5 @@ from perceiver.native.library import hlo_flops
 from perceiver.native.library import why_unavailable
 
 __all__ = ['attention', 'available', 'blas', 'build', 'BuildError',
-           'factored_attention', 'hlo_flops', 'matmul', 'self_attention',
-           'why_unavailable']
+           'factored_attention', 'hlo_flops', 'matmul', 'normalize',
+           'normalize_gradient', 'self_attention', 'why_unavailable']

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = tuple(_DIR / name for name in (
-    'batched_matmul.cc', 'fused_attention.cc', 'factored_attention.cc'))
+    'batched_matmul.cc', 'fused_attention.cc', 'factored_attention.cc',
+    'layer_norm.cc'))
 _HEADERS = (_DIR / 'common.h', _DIR / 'row_math.h')
 _F32, _F64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)
 MATMUL_TARGETS = {_F32: 'perceiver_batched_matmul_f32',
@@ -34,6 +35,10 @@ ATTENTION_TARGETS = {
     for dtype, name in ((_F32, 'f32'), (_F64, 'f64'))}
 FACTORED_TARGETS = {
     dtype: {kind: f'perceiver_factored_attention_{kind}_{name}'
+            for kind in ('forward', 'backward')}
+    for dtype, name in ((_F32, 'f32'), (_F64, 'f64'))}
+LAYER_NORM_TARGETS = {
+    dtype: {kind: f'perceiver_layer_norm_{kind}_{name}'
             for kind in ('forward', 'backward')}
     for dtype, name in ((_F32, 'f32'), (_F64, 'f64'))}
 _SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
@@ -53,7 +58,13 @@ _SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
             'perceiver_factored_attention_forward_f64':
                 'PerceiverFactoredAttentionForwardF64',
             'perceiver_factored_attention_backward_f64':
-                'PerceiverFactoredAttentionBackwardF64'}
+                'PerceiverFactoredAttentionBackwardF64',
+            'perceiver_layer_norm_forward_f32': 'PerceiverLayerNormForwardF32',
+            'perceiver_layer_norm_backward_f32':
+                'PerceiverLayerNormBackwardF32',
+            'perceiver_layer_norm_forward_f64': 'PerceiverLayerNormForwardF64',
+            'perceiver_layer_norm_backward_f64':
+                'PerceiverLayerNormBackwardF64'}
 INT32_MAX = 2**31 - 1  # OpenBLAS's (LP64) largest dimension
 BLAS_SETTINGS = ('auto', 'openblas', 'mkl')  # $PERCEIVER_BLAS
 # mkl_service.h: MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64.
