@@ -27,11 +27,11 @@ outputs and gradients (tests/attention_test.py, tests/reference_test.py):
 - LayerNorm folded into the linear layer it feeds (`normalized_linear`:
   x-hat (scale W) + (offset W + b), the normalised array never formed; x-hat
   and its gradient from `native.normalize` / `native.normalize_gradient`,
-  one visit per row) and GELU into the one it feeds (`gelu_linear`, recomputed in the backward
-  pass), so that each pair keeps one array of its input's size for the
-  backward pass (autodiff keeps four for a LayerNorm and its linear layer,
-  six for a GELU and its linear layer; benchmarks/RESULTS.md has what it
-  saves);
+  one visit per row) and GELU into the one it feeds (`gelu_linear`,
+  recomputed in the backward pass), so that each pair keeps one array of its
+  input's size for the backward pass (autodiff keeps four for a LayerNorm
+  and its linear layer, six for a GELU and its linear layer;
+  benchmarks/RESULTS.md has what it saves);
 - fused projections (keys and values, or queries, keys and values, from one
   matmul) and the factored byte array's projection with a hand-written
   backward that reads each cotangent once.

@@ -27,7 +27,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import custom_batching
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -204,26 +203,8 @@ def _cpu_call(target: str, kind: str, a: Heads):
     return (out if num_results > 1 else out[0]), tuple(
         spec(x) for x in arg_shapes)
 
-  def infer(mesh, arg_shapes, result_shape):
-    del mesh
-    found = shardings(arg_shapes, result_shape)
-    return None if found is None else found[0]
-
-  def partition(mesh, arg_shapes, result_shape):
-    found = shardings(arg_shapes, result_shape)
-    if found is None:
-      # No mesh to name axes by (shardings given as HLO shardings): every
-      # device computes the whole, as XLA would.
-      whole = library.replicated(arg_shapes)
-      out = (whole,) * num_results
-      return (mesh, call, out if num_results > 1 else whole,
-              (whole,) * len(arg_shapes))
-    return (mesh, call) + found
-
-  partitioned = custom_partitioning(call)
-  partitioned.def_partition(
-      partition, infer_sharding_from_operands=infer,
-      sharding_rule=_RULES[kind])
+  partitioned = library.partitioned(call, shardings, _RULES[kind],
+                                    num_results)
 
   @custom_batching.custom_vmap
   def batched(*operands):

@@ -26,8 +26,8 @@ int64_t RowsPerItem(int64_t d) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d));
 }
 
-// sum_j x[j] and sum_j (x[j] - mean)^2 ... as row_math.h's loops: 16 lanes
-// for float, a plain loop for double.
+// A row's sum, and its sum of squared deviations from `mean`, written as
+// row_math.h's loops: 16 lanes for float, a plain loop for double.
 inline float SumRow(const float* x, int64_t n) {
   F16 sums = Splat(0.0f);
   int64_t j = 0;
@@ -169,7 +169,7 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<D> x_hat,
 
 #define PERCEIVER_DEFINE_LAYER_NORM(forward, backward, dtype)           \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                        \
-      forward, perceiver::LayerNormForward<dtype>,                               \
+      forward, perceiver::LayerNormForward<dtype>,                      \
       xla::ffi::Ffi::Bind()                                             \
           .Ctx<xla::ffi::ThreadPool>()                                  \
           .Arg<xla::ffi::Buffer<dtype>>()                               \
@@ -177,7 +177,7 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<D> x_hat,
           .Ret<xla::ffi::Buffer<dtype>>()                               \
           .Attr<double>("eps"));                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                        \
-      backward, perceiver::LayerNormBackward<dtype>,                             \
+      backward, perceiver::LayerNormBackward<dtype>,                    \
       xla::ffi::Ffi::Bind()                                             \
           .Ctx<xla::ffi::ThreadPool>()                                  \
           .Arg<xla::ffi::Buffer<dtype>>()                               \

@@ -23,7 +23,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import custom_batching
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -89,22 +88,8 @@ def _cpu_call(target: str, kind: str, rank: int, eps: float | None):
     out = tuple(named for _ in results)
     return (out if len(out) > 1 else out[0]), tuple(named for _ in arg_shapes)
 
-  def infer(mesh, arg_shapes, result_shape):
-    del mesh
-    found = shardings(arg_shapes, result_shape)
-    return None if found is None else found[0]
-
-  def partition(mesh, arg_shapes, result_shape):
-    found = shardings(arg_shapes, result_shape)
-    if found is None:  # HLO shardings: every device computes the whole
-      whole = library.replicated(arg_shapes)
-      out = (whole, whole) if kind == 'forward' else whole
-      return mesh, call, out, (whole,) * len(arg_shapes)
-    return (mesh, call) + found
-
-  partitioned = custom_partitioning(call)
-  partitioned.def_partition(partition, infer_sharding_from_operands=infer,
-                            sharding_rule=rule)
+  partitioned = library.partitioned(call, shardings, rule,
+                                    2 if kind == 'forward' else 1)
 
   @custom_batching.custom_vmap
   def batched(*operands):

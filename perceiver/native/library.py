@@ -19,6 +19,7 @@ import threading
 
 from absl import logging
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
 
 _DIR = pathlib.Path(__file__).parent
@@ -293,6 +294,32 @@ def replicated(arg_shapes):
   from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
   devices = arg_shapes[0].sharding._device_assignment  # pylint: disable=protected-access
   return sharding_impls.GSPMDSharding.get_replicated(devices)
+
+
+def partitioned(call, shardings, sharding_rule: str, num_results: int):
+  """`call` (an FFI call on arrays as they are) under custom_partitioning:
+  each device calls it on its own shards, laid out as `shardings(arg_shapes,
+  result_shapes)` says ((result shardings, operand shardings)), or, where
+  that is None (shardings given as HLO shardings, not over a mesh, so no
+  axes to name), every device computes the whole, as XLA would."""
+
+  def infer(mesh, arg_shapes, result_shape):
+    del mesh
+    found = shardings(arg_shapes, result_shape)
+    return None if found is None else found[0]
+
+  def partition(mesh, arg_shapes, result_shape):
+    found = shardings(arg_shapes, result_shape)
+    if found is None:
+      whole = replicated(arg_shapes)
+      out = (whole,) * num_results if num_results > 1 else whole
+      return mesh, call, out, (whole,) * len(arg_shapes)
+    return (mesh, call) + found
+
+  wrapped = custom_partitioning(call)
+  wrapped.def_partition(partition, infer_sharding_from_operands=infer,
+                        sharding_rule=sharding_rule)
+  return wrapped
 
 
 def broadcast_unmapped(axis_size: int, in_batched, operands) -> list:
