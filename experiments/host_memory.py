@@ -116,15 +116,13 @@ def compiler_options(mesh) -> dict[str, int] | None:
   malloc's defaults glibc maps a block above its mmap threshold afresh (the
   threshold starts at 128 KiB and rises, to at most 32 MiB, to the size of
   each mapped block freed), and the kernel faults in and zeroes every page
-  of it again at the next step: on workload W2 at M = 1,024 one block of
-  264 MB, ~72k faults and ~15% of the step. Blocks of 8 MiB fall under the
-  threshold once it has risen and are mostly reused from malloc's heap
-  (what glibc trims off the heap's top is faulted in again): ~3-10k faults.
-  The price is the heap malloc keeps: the process's peak resident memory
-  grows (W2 at M = 1,024 by ~0.3 GiB, W1 by ~1.4 GiB). With freed memory
+  of it again at the next step. Blocks of 8 MiB fall under the threshold
+  once it has risen and are mostly reused from malloc's heap (what glibc
+  trims off the heap's top is faulted in again). The price is the heap
+  malloc keeps: the process's peak resident memory grows. With freed memory
   retained nothing is mapped afresh either way, so the blocks would cost
-  memory for no speed. Measurements: benchmarks/RESULTS.md (2026-12-07,
-  "XLA's temporaries in 8 MiB blocks").
+  memory for no speed. Measurements (faults, step times, resident memory):
+  benchmarks/RESULTS.md (2026-12-07, "XLA's temporaries in 8 MiB blocks").
   """
   if _retained[0] or {d.platform for d in mesh.devices.flat} != {'cpu'}:
     return None

@@ -130,17 +130,6 @@ def _linear_bwd(residuals, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def _normalize(x):
-  """(x-hat [..., I], the inverse deviations [..., 1]) of hk.LayerNorm over
-  the last axis (eps 1e-5): perceiver.native's row kernel on the CPU."""
-  return native.normalize(x, byte_array.LN_EPS)
-
-
-def _layer_norm_input_gradient(normalized, inv, d_normalized):
-  """dx of LayerNorm from the gradient of x-hat."""
-  return native.normalize_gradient(normalized, inv, d_normalized)
-
-
 @jax.custom_vjp
 def normalized_linear(x: jax.Array, scale: jax.Array, offset: jax.Array,
                       w: jax.Array, b: jax.Array) -> jax.Array:
@@ -167,7 +156,7 @@ def normalized_linear(x: jax.Array, scale: jax.Array, offset: jax.Array,
 
 
 def _normalized_linear_fwd(x, scale, offset, w, b):
-  normalized, inv = _normalize(x)
+  normalized, inv = native.normalize(x, byte_array.LN_EPS)  # hk.LayerNorm
   w_scaled = scale[:, None] * w  # W'
   out = _rows_product(normalized, w_scaled) + (offset @ w + b)
   return out, (normalized, inv, scale, offset, w, w_scaled)
@@ -183,7 +172,7 @@ def _normalized_linear_bwd(residuals, g):
   d_scale = jnp.sum(w * gram, axis=1)
   d_offset = w @ db
   d_normalized = _rows_product(g, w_scaled, transpose_w=True)  # [..., I]
-  dx = _layer_norm_input_gradient(normalized, inv, d_normalized)
+  dx = native.normalize_gradient(normalized, inv, d_normalized)
   return (dx.astype(normalized.dtype), d_scale.astype(scale.dtype),
           d_offset.astype(offset.dtype), dw.astype(w.dtype),
           db.astype(w.dtype))

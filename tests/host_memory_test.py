@@ -118,6 +118,6 @@ def test_temporaries_in_small_blocks_are_reused_under_malloc_defaults():
                          env=env, cwd=_ROOT, capture_output=True, text=True,
                          timeout=300, check=True)
     faults[layout] = float(out.stdout.split()[-1])
-  # One block: every page of ~260 MB of temporaries each step (~64k faults).
+  # One block: every page of the step's ~200 MB of temporaries each step.
   assert faults['one'] > 40_000, faults
   assert faults['heaps'] < 0.5 * faults['one'], faults

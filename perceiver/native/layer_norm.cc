@@ -21,9 +21,16 @@
 namespace perceiver {
 namespace {
 
-// Rows per work item: about 64 KiB of floats, at least one row.
-int64_t RowsPerItem(int64_t d) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d));
+// fn(r) for each row r of `rows` rows of width d, on XLA's intra-op threads,
+// in work items of about 64 KiB of floats (at least one row).
+template <typename F>
+void ForEachRow(ffi::ThreadPool& pool, int64_t rows, int64_t d, F fn) {
+  const int64_t per_item =
+      std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d));
+  ParallelFor(pool, (rows + per_item - 1) / per_item, [=](int64_t item) {
+    const int64_t end = std::min(rows, (item + 1) * per_item);
+    for (int64_t r = item * per_item; r < end; ++r) fn(r);
+  });
 }
 
 // A row's sum, and its sum of squared deviations from `mean`, written as
@@ -117,18 +124,14 @@ ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<D> x,
   const T* px = x.typed_data();
   T* ph = x_hat->typed_data();
   T* pi = inv->typed_data();
-  const int64_t per_item = RowsPerItem(d);
   const T width = static_cast<T>(d);
-  ParallelFor(pool, (rows + per_item - 1) / per_item, [=](int64_t item) {
-    const int64_t end = std::min(rows, (item + 1) * per_item);
-    for (int64_t r = item * per_item; r < end; ++r) {
-      const T* row = px + r * d;
-      const T mean = SumRow(row, d) / width;
-      const T var = SquaredDeviations(row, d, mean) / width;
-      const T inverse = T(1) / std::sqrt(var + static_cast<T>(eps));
-      ShiftScaleRow(row, d, mean, inverse, ph + r * d);
-      pi[r] = inverse;
-    }
+  ForEachRow(pool, rows, d, [=](int64_t r) {
+    const T* row = px + r * d;
+    const T mean = SumRow(row, d) / width;
+    const T var = SquaredDeviations(row, d, mean) / width;
+    const T inverse = T(1) / std::sqrt(var + static_cast<T>(eps));
+    ShiftScaleRow(row, d, mean, inverse, ph + r * d);
+    pi[r] = inverse;
   });
   return ffi::Error::Success();
 }
@@ -149,17 +152,13 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<D> x_hat,
   const T* pi = inv.typed_data();
   const T* pg = g.typed_data();
   T* pdx = dx->typed_data();
-  const int64_t per_item = RowsPerItem(d);
   const T width = static_cast<T>(d);
-  ParallelFor(pool, (rows + per_item - 1) / per_item, [=](int64_t item) {
-    const int64_t end = std::min(rows, (item + 1) * per_item);
-    for (int64_t r = item * per_item; r < end; ++r) {
-      const T* h = ph + r * d;
-      const T* g_r = pg + r * d;
-      const T a = SumRow(g_r, d) / width;
-      const T b = DotRow(g_r, h, d) / width;
-      GradientRow(h, g_r, d, pi[r], a, b, pdx + r * d);
-    }
+  ForEachRow(pool, rows, d, [=](int64_t r) {
+    const T* h = ph + r * d;
+    const T* g_r = pg + r * d;
+    const T a = SumRow(g_r, d) / width;
+    const T b = DotRow(g_r, h, d) / width;
+    GradientRow(h, g_r, d, pi[r], a, b, pdx + r * d);
   });
   return ffi::Error::Success();
 }
