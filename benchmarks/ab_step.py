@@ -19,8 +19,10 @@ pair gives one ratio A / B: above 1, B is the faster. The median ratio is
 the figure to quote; the spread of the ratios says how far to trust it.
 Also printed: each variant's median step, its compiled temporaries
 (`memory_analysis()`), and, where both variants have the same parameters,
-the largest difference between them after one step from the same state (0
-or rounding for a pure speed change; more means B computes something else).
+the largest difference between them after one step from the same state: 0
+where B runs the same arithmetic, float32 rounding where it reorders it
+(Adam's first step, ~lr sign(g), can carry a rounding difference in a tiny
+gradient up to ~lr), and more where B computes something else.
 
 Freed host memory is retained (experiments/host_memory.py, --host_memory).
 Measured tables belong in benchmarks/RESULTS.md with the command and date.
