@@ -13,8 +13,9 @@ same compiled step then times everything else: XLA's elementwise fusions
 thread pool's hand-offs. A skipped GEMM leaves its output as the buffer
 was, so some of that work then runs on stale or non-finite values and can be
 slower than in a real step: the skipped time is an upper bound on the rest.
-The difference is the time the step spends in its GEMMs; with the FLOPs of the library's calls (`native.hlo_flops`, nearly all
-of them GEMM FLOPs) it gives the GEMMs' rate inside the step, to set against
+The difference is the time the step spends in its GEMMs; with the FLOPs of
+the library's calls (`native.hlo_flops`, nearly all of them GEMM FLOPs) it
+gives the GEMMs' rate inside the step, to set against
 benchmarks/gemm_rates.py's rates of the same GEMMs alone. Each step starts
 from a copy of the same initial state (a skipped step's parameters are
 garbage), the two variants in turn A B B A ..., so the machine's drift hits
