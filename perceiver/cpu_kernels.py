@@ -14,9 +14,10 @@ outputs and gradients (tests/attention_test.py, tests/reference_test.py):
 
 - products through perceiver/native (OpenBLAS GEMMs on XLA's thread
   pool, through the XLA FFI; XLA's own dot on other backends): every product
-  of the linear layers (`linear`: x w, g w^T, x^T g) and the weight gradients
-  of the factored projection, each reading its operands transposed in place
-  (jaxlib 0.10.2's XLA:CPU runs batched dots on one thread, and a
+  of the linear layers (`linear`: x w, then g w^T and x^T g as one
+  `native.matmul_pair` call, a whole GEMM per thread) and the weight
+  gradients of the factored projection, each reading its operands transposed
+  in place (jaxlib 0.10.2's XLA:CPU runs batched dots on one thread, and a
   contraction over leading axes in a slower kernel); attention as
   `native.attention` / `native.self_attention`, one fused kernel forward and
   one backward that read the heads in place from the projections' rows and
@@ -108,7 +109,8 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
   Its three products are perceiver.native GEMMs over x's rows: x w forward,
   and for the usual gradient dx = g w^T (w read transposed in place) and
-  dw = x^T g (x read transposed in place); db is summed as in `add_shared`.
+  dw = x^T g (x read transposed in place), one `native.matmul_pair` call;
+  db is summed as in `add_shared`.
   """
   return _rows_product(x, w) + b
 
@@ -117,11 +119,22 @@ def _linear_fwd(x, w, b):
   return linear(x, w, b), (x, w, jnp.zeros((0,) + b.shape, b.dtype))
 
 
+def _gradient_products(x, w, g):
+  """(g w^T [..., I], x^T g [I, O]) for x [..., I], w [I, O], g [..., O]:
+  a linear layer's dx and dW, as one `native.matmul_pair` call (each
+  product on its share of the threads) where the dtypes agree."""
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  if not x.dtype == w.dtype == g.dtype:  # (mixed: XLA's dots, promoted)
+    return (_rows_product(g, w, transpose_w=True),
+            native.matmul(rows(x), rows(g), transpose_a=True))
+  dx, dw = native.matmul_pair(rows(g), w, rows(x), rows(g),
+                              transpose_b1=True, transpose_a2=True)
+  return dx.reshape(g.shape[:-1] + dx.shape[-1:]), dw
+
+
 def _linear_bwd(residuals, g):
   x, w, b_carrier = residuals
-  dw = native.matmul(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                     transpose_a=True)  # x^T g, [I, O]
-  dx = _rows_product(g, w, transpose_w=True)  # g w^T, [..., I]
+  dx, dw = _gradient_products(x, w, g)  # g w^T [..., I], x^T g [I, O]
   db = _sum_leading(g, b_carrier.shape[1:])  # [O]
   return (dx.astype(x.dtype), dw.astype(w.dtype),
           db.astype(b_carrier.dtype))
@@ -164,14 +177,12 @@ def _normalized_linear_fwd(x, scale, offset, w, b):
 
 def _normalized_linear_bwd(residuals, g):
   normalized, inv, scale, offset, w, w_scaled = residuals
-  rows = lambda a: a.reshape(-1, a.shape[-1])
-  gram = native.matmul(rows(normalized), rows(g),
-                       transpose_a=True)  # x-hat^T g, [I, O]
+  # g W'^T [..., I] and x-hat^T g [I, O], in one call.
+  d_normalized, gram = _gradient_products(normalized, w_scaled, g)
   db = _sum_leading(g, w.shape[1:])  # [O]
   dw = scale[:, None] * gram + offset[:, None] * db
   d_scale = jnp.sum(w * gram, axis=1)
   d_offset = w @ db
-  d_normalized = _rows_product(g, w_scaled, transpose_w=True)  # [..., I]
   dx = native.normalize_gradient(normalized, inv, d_normalized)
   return (dx.astype(normalized.dtype), d_scale.astype(scale.dtype),
           d_offset.astype(offset.dtype), dw.astype(w.dtype),

@@ -107,6 +107,69 @@ def test_hlo_flops_counts_the_calls():
   assert native.hlo_flops(compiled.as_text()) == 2 * 5 * 6 * 7 * 8
 
 
+# Pairs cover: a linear layer's dx = g w^T and dW = x^T g; products of other
+# ranks and forms side by side (on a pool of more than two threads, also
+# split into row and column blocks); an empty contraction beside a full one.
+PAIRS = [
+    (((), 12, 5, 7, False, True), ((), 7, 12, 5, True, False)),
+    (((3,), 4, 6, 5, True, True), ((), 9, 2, 33, False, False)),
+    (((), 3, 0, 4, False, False), ((2, 2), 5, 3, 6, False, True)),
+]
+
+
+@pytest.mark.parametrize('first,second', PAIRS)
+def test_matmul_pair_equals_two_products(first, second):
+  operands = [_operands(*shape, jnp.float32, seed=i)
+              for i, shape in enumerate((first, second))]
+  flags = dict(transpose_a1=first[-2], transpose_b1=first[-1],
+               transpose_a2=second[-2], transpose_b2=second[-1])
+  f = jax.jit(lambda a1, b1, a2, b2: native.matmul_pair(a1, b1, a2, b2,
+                                                        **flags))
+  args = operands[0] + operands[1]
+  assert 'perceiver_matmul_pair_f32' in f.lower(*args).as_text()
+  for out, (a, b), shape in zip(f(*args), operands, (first, second)):
+    lead, m, _, n = shape[:4]
+    assert out.shape == lead + (m, n) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, _reference(a, b, *shape[-2:]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_matmul_pair_gradients_vmap_flops_and_fallbacks():
+  with jax.enable_x64(True):
+    x, w = _operands((), 4, 5, 3, False, False, jnp.float64)  # [4,5], [5,3]
+    g = jax.random.normal(jax.random.key(5), (4, 3), jnp.float64)
+    f = lambda x, w, g: native.matmul_pair(g, w, x, g, transpose_b1=True,
+                                           transpose_a2=True)
+    dx, dw = jax.jit(f)(x, w, g)
+    np.testing.assert_allclose(dx, _reference(g, w, False, True), rtol=1e-12)
+    np.testing.assert_allclose(dw, _reference(x, g, True, False), rtol=1e-12)
+    jtu.check_grads(f, (x, w, g), order=2, modes=['rev'])
+  # vmap over some operands: the others broadcast.
+  a, b = _operands((4,), 6, 5, 7, False, True, jnp.float32)
+  f = lambda a, b: native.matmul_pair(a, b, b, a, transpose_b1=True,
+                                      transpose_b2=True)
+  c1, c2 = jax.jit(jax.vmap(f, in_axes=(0, None)))(a, b[0])
+  shared = np.broadcast_to(b[0], b.shape)
+  np.testing.assert_allclose(c1, _reference(a, shared, False, True),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(c2, _reference(shared, a, False, True),
+                             rtol=1e-5, atol=1e-5)
+  # FLOPs: both products of the call.
+  compiled = jax.jit(f).lower(a[0], b[0]).compile()
+  assert native.hlo_flops(compiled.as_text()) == 2 * (2 * 6 * 5 * 7)
+  # bfloat16, or operands of different dtypes: XLA's dots, no pair call.
+  for dtypes in ((jnp.bfloat16,) * 2, (jnp.float32, jnp.bfloat16)):
+    a16, b16 = a[0].astype(dtypes[0]), b[0].astype(dtypes[1])
+    text = jax.jit(f).lower(a16, b16).as_text()
+    assert 'perceiver_matmul_pair' not in text
+    c1, _ = jax.jit(f)(a16, b16)
+    np.testing.assert_allclose(np.asarray(c1, np.float32),
+                               _reference(a16, b16, False, True), rtol=0.05,
+                               atol=0.1)
+  with pytest.raises(ValueError, match='contracting sizes'):
+    native.matmul_pair(a[0], b[0], a[0], b[0])  # [6,5] x [7,5] untransposed
+
+
 def _plain_attention(q, k, v, num_heads, scale):
   """Multi-head attention on [B, T, H * W] rows, as the paper writes it."""
   split = lambda x: x.reshape(x.shape[:2] + (num_heads, -1))
@@ -539,6 +602,19 @@ np.testing.assert_allclose(f(*args), ref(x, g, True, False), rtol=1e-5,
                            atol=1e-5)
 text = f.lower(*args).compile().as_text()
 assert 'all-reduce' in text and 'all-gather' not in text, text
+# A linear layer's dx = g w^T and dW = x^T g as one pair call: each device
+# its rows of both, then one sum for dW
+w = jax.random.normal(kb, (5, 3))
+f = jax.jit(lambda x, w, g: native.matmul_pair(
+    g, w, x, g, transpose_b1=True, transpose_a2=True))
+args = put(x, 'data'), put(w), put(g, 'data')
+dx, dw = f(*args)
+np.testing.assert_allclose(dx, ref(g, w, False, True), rtol=1e-5, atol=1e-5)
+np.testing.assert_allclose(dw, ref(x, g, True, False), rtol=1e-5, atol=1e-5)
+assert dx.sharding.spec[0] == 'data', dx.sharding
+text = f.lower(*args).compile().as_text()
+assert 'perceiver_matmul_pair_f32' in text, text
+assert 'all-reduce' in text and 'all-gather' not in text, text
 # vmap and gradients through the sharded call
 w = jax.random.normal(kb, (5, 3))
 f = jax.jit(jax.vmap(native.matmul, in_axes=(0, None)))
@@ -575,6 +651,7 @@ assert 0 < flops_two == flops_8 < flops_1 / 7, (flops_two, flops_8, flops_1)
 # the attention kernels ran on each device's own examples, nothing gathered
 assert 'perceiver_attention_packed_f64' in text_8
 assert 'perceiver_layer_norm_backward_f64' in text_8
+assert 'perceiver_matmul_pair_f64' in text_8
 assert 'all-gather' not in text_8, text_8
 for got, want in zip(jax.tree.leaves(grads_8), jax.tree.leaves(grads_1)):
   assert got.dtype == jnp.float64

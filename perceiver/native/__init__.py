@@ -3,6 +3,8 @@ on XLA:CPU through a small FFI library.
 
   from perceiver import native
   c = native.matmul(a, b, transpose_b=True)   # a [..., m, k], b [..., n, k]
+  dx, dw = native.matmul_pair(g, w, x, g, transpose_b1=True,
+                              transpose_a2=True)   # g w^T, x^T g
   o = native.attention(q, k, v, num_heads=8, scale=0.125)   # [B, T, H D]
   o = native.self_attention(qkv, num_heads=8, qk_width=512, scale=0.125)
   x_hat, inv = native.normalize(x, eps=1e-5)   # x [..., D]
@@ -13,7 +15,10 @@ leading axes (op = identity or the transpose of the last two axes). On the CPU
 it runs batched_matmul.cc: OpenBLAS GEMMs spread over XLA's intra-op thread
 pool (jaxlib 0.10.2's XLA:CPU runs multi-head attention's batched products on
 one thread; benchmarks/RESULTS.md). Its gradient is the usual one, in the
-same products.
+same products. `matmul_pair` computes two independent products in one
+call, each on its share of the pool's threads (on two threads: one whole
+GEMM each, where two `matmul` calls split each in halves); the linear
+layers' backward passes use it for dx = g W^T and dW = x^T g.
 
 `attention(q, k, v, num_heads, scale)` is multi-head softmax(scale q k^T) v
 over token-major arrays [B, T, H D] (the heads read in place, as a linear
@@ -61,6 +66,7 @@ step spends outside them (benchmarks/gemm_share.py).
 """
 
 from perceiver.native.batched_matmul import matmul
+from perceiver.native.batched_matmul import matmul_pair
 from perceiver.native.factored_attention import factored_attention
 from perceiver.native.fused_attention import attention
 from perceiver.native.fused_attention import self_attention
@@ -74,5 +80,6 @@ from perceiver.native.library import hlo_flops
 from perceiver.native.library import why_unavailable
 
 __all__ = ['attention', 'available', 'blas', 'build', 'BuildError',
-           'factored_attention', 'hlo_flops', 'matmul', 'normalize',
-           'normalize_gradient', 'self_attention', 'why_unavailable']
+           'factored_attention', 'hlo_flops', 'matmul', 'matmul_pair',
+           'normalize', 'normalize_gradient', 'self_attention',
+           'why_unavailable']

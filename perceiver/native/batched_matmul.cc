@@ -1,19 +1,21 @@
 // Batched matrix products for XLA:CPU through the XLA FFI: C = op(A) op(B)
 // over matching leading (batch) axes, op = identity or transpose, computed
 // with a single-threaded GEMM (common.h: OpenBLAS's or MKL's) on XLA's own
-// intra-op thread pool.
+// intra-op thread pool; and two independent products in one call (a linear
+// layer's dx = g W^T and dW = x^T g), one per thread.
 //
 // Why (benchmarks/RESULTS.md, 2026-12-03): jaxlib 0.10.2's XLA:CPU runs the
 // batched products of multi-head attention ([256 x 64] x [64 x 256] per head)
 // on one thread; the same products as GEMMs spread over the pool's threads
 // take about half the time. Built and registered by perceiver/native;
-// perceiver/native's `matmul` is the JAX function that calls it.
+// perceiver/native's `matmul` and `matmul_pair` are the JAX functions that
+// call it.
 //
 // Operands: A [..., a0, a1], B [..., b0, b1], the same leading axes (G in all,
 // flattened), row-major and dense (XLA's default layout). op(A) is [m, k],
 // op(B) [k, n], C [..., m, n]. Work is split into chunks of whole batch
 // elements, or of row or column blocks of C when there are fewer elements
-// than threads;
+// than threads (for a pair: than each product's share of the threads);
 // threads claim chunks from a counter, and the caller waits only for chunks
 // that are already running, so a busy pool cannot deadlock it (common.h).
 
@@ -26,54 +28,32 @@
 namespace perceiver {
 namespace {
 
-template <ffi::DataType D>
-ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
-                         ffi::Buffer<D> b, ffi::ResultBuffer<D> c,
-                         bool transpose_a, bool transpose_b) {
-  using T = ffi::NativeType<D>;
-  const auto da = a.dimensions();
-  const auto db = b.dimensions();
-  const size_t rank = da.size();
-  if (rank < 2 || db.size() != rank) {
-    return ffi::Error::InvalidArgument(
-        "batched_matmul: operands need the same rank, at least 2");
-  }
-  int64_t g = 1;
-  for (size_t i = 0; i + 2 < rank; ++i) {
-    if (da[i] != db[i]) {
-      return ffi::Error::InvalidArgument(
-          "batched_matmul: operands' leading axes differ");
-    }
-    g *= da[i];
-  }
-  const int64_t a0 = da[rank - 2], a1 = da[rank - 1];
-  const int64_t b0 = db[rank - 2], b1 = db[rank - 1];
-  const int64_t m = transpose_a ? a1 : a0, k = transpose_a ? a0 : a1;
-  const int64_t n = transpose_b ? b0 : b1;
-  if ((transpose_b ? b1 : b0) != k) {
-    return ffi::Error::InvalidArgument(
-        "batched_matmul: contracting axes differ in size");
-  }
-  const T* pa = a.typed_data();
-  const T* pb = b.typed_data();
-  T* pc = c->typed_data();
-  if (g == 0 || m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {
-    std::memset(pc, 0, sizeof(T) * g * m * n);
-    return ffi::Error::Success();
+// One product's shapes, pointers and chunks.
+template <typename T>
+struct Product {
+  const T* pa;
+  const T* pb;
+  T* pc;
+  bool ta, tb;
+  int64_t g, a0, a1, b0, b1, m, n, k;
+  bool by_rows;
+  int64_t extent, blocks, size;
+
+  int64_t chunks() const { return g * blocks; }
+
+  // Splits each batch element into up to `split` row or column blocks of C
+  // (whichever C has more of); the counts are set for Run.
+  void Split(int64_t split) {
+    by_rows = m >= n;
+    extent = by_rows ? m : n;
+    blocks = std::max<int64_t>(1, std::min(extent, split));
+    size = (extent + blocks - 1) / blocks;
   }
 
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // Chunks: whole elements; when g < threads, blocks of C's rows or columns
-  // (whichever C has more of).
-  const int64_t split = g >= threads ? 1 : (threads + g - 1) / g;
-  const bool by_rows = m >= n;
-  const int64_t extent = by_rows ? m : n;
-  const int64_t blocks = std::min(extent, split);
-  const int64_t size = (extent + blocks - 1) / blocks;
-  const int64_t chunks = g * blocks;
+  // C's elements for a k of 0 (no GEMM is called then).
+  void Zero() const { std::memset(pc, 0, sizeof(T) * g * m * n); }
 
-  auto run = [=](int64_t chunk) {
+  void Run(int64_t chunk) const {
     const int64_t i = chunk / blocks;
     const int64_t start = (chunk % blocks) * size;
     const int64_t count = std::min(size, extent - start);
@@ -82,16 +62,109 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
     const T* b_i = pb + i * b0 * b1;
     T* c_i = pc + i * m * n;
     if (by_rows) {  // rows of op(A): rows of A, or columns when transposed
-      Gemm<T>(transpose_a, transpose_b, count, n, k, T(1),
-              a_i + (transpose_a ? start : start * a1), a1, b_i, b1, T(0),
-              c_i + start * n, n);
+      Gemm<T>(ta, tb, count, n, k, T(1), a_i + (ta ? start : start * a1), a1,
+              b_i, b1, T(0), c_i + start * n, n);
     } else {  // columns of op(B): columns of B, or rows when transposed
-      Gemm<T>(transpose_a, transpose_b, m, count, k, T(1), a_i, a1,
-              b_i + (transpose_b ? start * b1 : start), b1, T(0), c_i + start,
-              n);
+      Gemm<T>(ta, tb, m, count, k, T(1), a_i, a1,
+              b_i + (tb ? start * b1 : start), b1, T(0), c_i + start, n);
     }
-  };
-  ParallelFor(pool, chunks, run);
+  }
+};
+
+// Checks the operands of op(A) op(B) and fills `p` (pointers, shapes; not
+// the split).
+template <ffi::DataType D>
+ffi::Error Describe(const ffi::Buffer<D>& a, const ffi::Buffer<D>& b,
+                    ffi::Result<ffi::Buffer<D>>& c, bool ta, bool tb,
+                    Product<ffi::NativeType<D>>& p) {
+  const auto da = a.dimensions();
+  const auto db = b.dimensions();
+  const size_t rank = da.size();
+  if (rank < 2 || db.size() != rank) {
+    return ffi::Error::InvalidArgument(
+        "batched_matmul: operands need the same rank, at least 2");
+  }
+  p.g = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    if (da[i] != db[i]) {
+      return ffi::Error::InvalidArgument(
+          "batched_matmul: operands' leading axes differ");
+    }
+    p.g *= da[i];
+  }
+  p.a0 = da[rank - 2], p.a1 = da[rank - 1];
+  p.b0 = db[rank - 2], p.b1 = db[rank - 1];
+  p.ta = ta, p.tb = tb;
+  p.m = ta ? p.a1 : p.a0, p.k = ta ? p.a0 : p.a1;
+  p.n = tb ? p.b0 : p.b1;
+  if ((tb ? p.b1 : p.b0) != p.k) {
+    return ffi::Error::InvalidArgument(
+        "batched_matmul: contracting axes differ in size");
+  }
+  p.pa = a.typed_data();
+  p.pb = b.typed_data();
+  p.pc = c->typed_data();
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType D>
+ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
+                         ffi::Buffer<D> b, ffi::ResultBuffer<D> c,
+                         bool transpose_a, bool transpose_b) {
+  Product<ffi::NativeType<D>> p;
+  if (auto error = Describe<D>(a, b, c, transpose_a, transpose_b, p);
+      error.failure()) {
+    return error;
+  }
+  if (p.g == 0 || p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.k == 0) {
+    p.Zero();
+    return ffi::Error::Success();
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Chunks: whole elements; when g < threads, blocks of C's rows or columns.
+  p.Split(p.g >= threads ? 1 : (threads + p.g - 1) / p.g);
+  ParallelFor(pool, p.chunks(), [&p](int64_t chunk) { p.Run(chunk); });
+  return ffi::Error::Success();
+}
+
+// C1 = op(A1) op(B1) and C2 = op(A2) op(B2), independent: each product gets
+// half of the pool's threads (one on two threads: a whole GEMM per thread,
+// where `BatchedMatmul` would split each in two).
+template <ffi::DataType D>
+ffi::Error MatmulPair(ffi::ThreadPool pool, ffi::Buffer<D> a1,
+                      ffi::Buffer<D> b1, ffi::Buffer<D> a2, ffi::Buffer<D> b2,
+                      ffi::ResultBuffer<D> c1, ffi::ResultBuffer<D> c2,
+                      bool transpose_a1, bool transpose_b1, bool transpose_a2,
+                      bool transpose_b2) {
+  Product<ffi::NativeType<D>> p[2];
+  if (auto error = Describe<D>(a1, b1, c1, transpose_a1, transpose_b1, p[0]);
+      error.failure()) {
+    return error;
+  }
+  if (auto error = Describe<D>(a2, b2, c2, transpose_a2, transpose_b2, p[1]);
+      error.failure()) {
+    return error;
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t share = std::max<int64_t>(1, threads / 2);
+  int64_t first = 0, total = 0;
+  for (int j = 0; j < 2; ++j) {
+    auto& q = p[j];
+    const bool empty = q.g == 0 || q.m == 0 || q.n == 0 || q.k == 0;
+    if (q.k == 0) q.Zero();
+    q.Split(q.g >= share ? 1 : (share + q.g - 1) / q.g);
+    if (empty) q.g = 0;  // no chunks
+    if (j == 0) first = q.chunks();
+    total += q.chunks();
+  }
+  ParallelFor(pool, total, [&p, first](int64_t chunk) {
+    if (chunk < first) {
+      p[0].Run(chunk);
+    } else {
+      p[1].Run(chunk - first);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -112,6 +185,24 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
 PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF32, xla::ffi::F32)
 PERCEIVER_DEFINE_BATCHED_MATMUL(PerceiverBatchedMatmulF64, xla::ffi::F64)
 
+#define PERCEIVER_DEFINE_MATMUL_PAIR(name, dtype)               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                \
+      name, perceiver::MatmulPair<dtype>,                       \
+      xla::ffi::Ffi::Bind()                                     \
+          .Ctx<xla::ffi::ThreadPool>()                          \
+          .Arg<xla::ffi::Buffer<dtype>>()                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                       \
+          .Arg<xla::ffi::Buffer<dtype>>()                       \
+          .Ret<xla::ffi::Buffer<dtype>>()                       \
+          .Ret<xla::ffi::Buffer<dtype>>()                       \
+          .Attr<bool>("transpose_a1")                           \
+          .Attr<bool>("transpose_b1")                           \
+          .Attr<bool>("transpose_a2")                           \
+          .Attr<bool>("transpose_b2"));
+
+PERCEIVER_DEFINE_MATMUL_PAIR(PerceiverMatmulPairF32, xla::ffi::F32)
+PERCEIVER_DEFINE_MATMUL_PAIR(PerceiverMatmulPairF64, xla::ffi::F64)
 // OpenBLAS's own threads off: the work is already spread over XLA's pool.
 extern "C" void PerceiverBlasSingleThreaded() {
   scipy_openblas_set_num_threads(1);

@@ -1,5 +1,7 @@
 """native.matmul: op(a) @ op(b) over matching leading axes, on the CPU as
-batched_matmul.cc's GEMMs, MKL's or OpenBLAS's (see __init__.py)."""
+batched_matmul.cc's GEMMs, MKL's or OpenBLAS's (see __init__.py); and
+native.matmul_pair: two independent products in one call, each on its share
+of the threads."""
 
 from __future__ import annotations
 
@@ -202,3 +204,142 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
     transpose_b: contract b's last axis instead of its second-last.
   """
   return _matmul(a, b, bool(transpose_a), bool(transpose_b))
+
+
+# Two independent products in one call ------------------------------------
+#
+# A linear layer's backward pass has two products of equal FLOPs (dx = g W^T
+# and dW = x^T g, 2 T I O each) that do not depend on each other. As two
+# `matmul` calls each is split over both threads in halves; as one pair call
+# each thread computes one of them whole (batched_matmul.cc, MatmulPair):
+# fewer, larger GEMMs (benchmarks/RESULTS.md, 2026-12-07, evening).
+
+
+def _pair_shapes(a1, b1, a2, b2, flags):
+  return (_out_shape(a1, b1, *flags[:2]), _out_shape(a2, b2, *flags[2:]))
+
+
+def _pair_library_call(a1, b1, a2, b2, flags):
+  """The FFI call on arrays as they are (one device's shards, or all)."""
+  call = jax.ffi.ffi_call(
+      library.PAIR_TARGETS[jnp.dtype(a1.dtype)],
+      tuple(jax.ShapeDtypeStruct(shape, a1.dtype)
+            for shape in _pair_shapes(a1, b1, a2, b2, flags)))
+  ta1, tb1, ta2, tb2 = flags
+  return call(a1, b1, a2, b2, transpose_a1=ta1, transpose_b1=tb1,
+              transpose_a2=ta2, transpose_b2=tb2)
+
+
+def _pair_mesh_split(flags, arg_shapes):
+  """(mesh, (`_split`'s four for each product)) when all four operands are
+  sharded over one mesh, else None."""
+  first = _mesh_split(*flags[:2], arg_shapes[:2])
+  second = _mesh_split(*flags[2:], arg_shapes[2:])
+  if first is None or second is None or first[0] != second[0]:
+    return None
+  return first[0], (first[1:], second[1:])
+
+
+def _pair_partition(flags, mesh, arg_shapes, result_shape):
+  """As `_partition`, for each product of the pair."""
+  del result_shape
+  split = _pair_mesh_split(flags, arg_shapes)
+  if split is None:
+    whole = library.replicated(arg_shapes)
+    return mesh, functools.partial(_pair_library_call, flags=flags), (
+        whole, whole), (whole,) * 4
+  mesh, ((a1, b1, out1, k1), (a2, b2, out2, k2)) = split
+
+  def lower(w, x, y, z):
+    c1, c2 = _pair_library_call(w, x, y, z, flags)
+    return (jax.lax.psum(c1, k1) if k1 else c1,
+            jax.lax.psum(c2, k2) if k2 else c2)
+
+  named = lambda spec: NamedSharding(mesh, spec)
+  return mesh, lower, (named(out1), named(out2)), tuple(
+      named(spec) for spec in (a1, b1, a2, b2))
+
+
+def _pair_infer_sharding(flags, mesh, arg_shapes, result_shape):
+  del mesh, result_shape
+  split = _pair_mesh_split(flags, arg_shapes)
+  if split is None:
+    return None
+  mesh, ((_, _, out1, _), (_, _, out2, _)) = split
+  return NamedSharding(mesh, out1), NamedSharding(mesh, out2)
+
+
+def _pair_sharding_rule(flags, mesh, operand_types, result_types):
+  del mesh, operand_types, result_types
+  ta1, tb1, ta2, tb2 = flags
+  operand = lambda t, x, y: f'{y} {x}' if t else f'{x} {y}'
+  return (f'...0 {operand(ta1, "m1", "k1")}, ...0 {operand(tb1, "k1", "n1")}, '
+          f'...1 {operand(ta2, "m2", "k2")}, ...1 {operand(tb2, "k2", "n2")} '
+          '-> ...0 m1 n1, ...1 m2 n2'), {'reduction_factors': ('k1', 'k2')}
+
+
+_partitioned_pair = custom_partitioning(_pair_library_call,
+                                        static_argnums=(4,))
+_partitioned_pair.def_partition(
+    _pair_partition, infer_sharding_from_operands=_pair_infer_sharding,
+    sharding_rule=_pair_sharding_rule)
+
+
+@functools.cache
+def _cpu_pair(flags):
+  """The partitioned pair call for one set of flags, with its vmap rule (the
+  mapped axis a leading batch axis of all four operands)."""
+
+  @custom_batching.custom_vmap
+  def pair(a1, b1, a2, b2):
+    return _partitioned_pair(a1, b1, a2, b2, flags)
+
+  @pair.def_vmap
+  def pair_vmap(axis_size, in_batched, *operands):
+    return pair(*library.broadcast_unmapped(axis_size, in_batched,
+                                            operands)), (True, True)
+
+  return pair
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _matmul_pair(a1, b1, a2, b2, flags):
+  """(op(a1) @ op(b1), op(a2) @ op(b2)): one library call on the CPU where
+  all four share a dtype it has, else each product as `_product` does."""
+  _pair_shapes(a1, b1, a2, b2, flags)  # checks the shapes
+  operands = (a1, b1, a2, b2)
+  target = library.PAIR_TARGETS.get(jnp.dtype(a1.dtype))
+  if (target is None or any(x.dtype != a1.dtype for x in operands)
+      or not library.runs_here(*(d for x in operands for d in x.shape[-2:]))):
+    return (_product(a1, b1, *flags[:2]), _product(a2, b2, *flags[2:]))
+  return jax.lax.platform_dependent(
+      *operands, cpu=_cpu_pair(flags),
+      default=lambda w, x, y, z: (_xla_product(w, x, *flags[:2]),
+                                  _xla_product(y, z, *flags[2:])))
+
+
+def _matmul_pair_fwd(a1, b1, a2, b2, flags):
+  return _matmul_pair(a1, b1, a2, b2, flags), (a1, b1, a2, b2)
+
+
+def _matmul_pair_bwd(flags, residuals, gs):
+  a1, b1, a2, b2 = residuals
+  return (_matmul_bwd(*flags[:2], (a1, b1), gs[0])
+          + _matmul_bwd(*flags[2:], (a2, b2), gs[1]))
+
+
+_matmul_pair.defvjp(_matmul_pair_fwd, _matmul_pair_bwd)
+
+
+def matmul_pair(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array,
+                *, transpose_a1: bool = False, transpose_b1: bool = False,
+                transpose_a2: bool = False, transpose_b2: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """(matmul(a1, b1, ...), matmul(a2, b2, ...)), the flags as `matmul`'s,
+  in one call: on the CPU each product gets half of XLA's threads (on two,
+  one GEMM each, whole), where two `matmul` calls would split each over all
+  of them. For independent products of similar size, such as a linear
+  layer's dx = g W^T and dW = x^T g."""
+  flags = tuple(map(bool, (transpose_a1, transpose_b1, transpose_a2,
+                           transpose_b2)))
+  return _matmul_pair(a1, b1, a2, b2, flags)

@@ -30,6 +30,8 @@ _HEADERS = (_DIR / 'common.h', _DIR / 'row_math.h')
 _F32, _F64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)
 MATMUL_TARGETS = {_F32: 'perceiver_batched_matmul_f32',
                    _F64: 'perceiver_batched_matmul_f64'}
+PAIR_TARGETS = {_F32: 'perceiver_matmul_pair_f32',
+                _F64: 'perceiver_matmul_pair_f64'}
 ATTENTION_TARGETS = {
     dtype: {kind: f'perceiver_attention_{kind}_{name}'
             for kind in ('forward', 'backward', 'packed')}
@@ -44,6 +46,8 @@ LAYER_NORM_TARGETS = {
     for dtype, name in ((_F32, 'f32'), (_F64, 'f64'))}
 _SYMBOLS = {'perceiver_batched_matmul_f32': 'PerceiverBatchedMatmulF32',
             'perceiver_batched_matmul_f64': 'PerceiverBatchedMatmulF64',
+            'perceiver_matmul_pair_f32': 'PerceiverMatmulPairF32',
+            'perceiver_matmul_pair_f64': 'PerceiverMatmulPairF64',
             'perceiver_attention_forward_f32': 'PerceiverAttentionForwardF32',
             'perceiver_attention_backward_f32': 'PerceiverAttentionBackwardF32',
             'perceiver_attention_packed_f32':
@@ -343,10 +347,11 @@ def hlo_flops(hlo_text: str) -> float:
   custom calls: add this to `compiled.cost_analysis()['flops']` for the
   module's total.
 
-  A matmul's are 2 m n k per element; attention's, with H heads of q and k
-  of width Dq and of v of width Dv over N queries and M keys, 2 H N M
-  (Dq + Dv) per element forward (q k^T, P v) and 2 H N M (3 Dq + 2 Dv)
-  backward (q k^T again, P^T dO, dO V^T, dS K, dS^T Q). Factored
+  A matmul's are 2 m n k per element (a pair's, the sum of its two);
+  attention's, with H heads of q and k of width Dq and of v of width Dv
+  over N queries and M keys, 2 H N M (Dq + Dv) per element forward
+  (q k^T, P v) and 2 H N M (3 Dq + 2 Dv) backward (q k^T again, P^T dO,
+  dO V^T, dS K, dS^T Q). Factored
   attention's (N queries shared by B examples, per head): 2 N M (D + B E)
   forward (q pk^T once, R pv per example) and 2 N M (3 D + 2 B E) backward
   (q pk^T, E^T q and E pk once; dO pv^T and R^T dO per example).
@@ -357,11 +362,14 @@ def hlo_flops(hlo_text: str) -> float:
     shapes = [[int(d) for d in dims.split(',') if d]
               for dims in _SHAPE.findall(operands)]
     attrs = dict(_ATTRIBUTE.findall(config))
-    if kind == 'batched_matmul':
-      a, b = shapes
-      m, k = (a[-1], a[-2]) if attrs['transpose_a'] == 'true' else a[-2:]
-      n = b[-2] if attrs['transpose_b'] == 'true' else b[-1]
-      total += 2 * math.prod(a[:-2]) * m * n * k
+    if kind in ('batched_matmul', 'matmul_pair'):
+      suffixes = ('',) if kind == 'batched_matmul' else ('1', '2')
+      for i, suffix in enumerate(suffixes):
+        a, b = shapes[2 * i:2 * i + 2]
+        transposed = lambda x: attrs[f'transpose_{x}{suffix}'] == 'true'
+        m, k = (a[-1], a[-2]) if transposed('a') else a[-2:]
+        n = b[-2] if transposed('b') else b[-1]
+        total += 2 * math.prod(a[:-2]) * m * n * k
     elif kind.startswith('attention_'):
       q, k = shapes[:2]
       heads, d, e = (int(attrs[x]) for x in ('heads', 'qk_dim', 'v_dim'))
