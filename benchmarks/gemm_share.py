@@ -71,7 +71,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   from experiments import host_memory
   host_memory.configure('retain')  # before JAX starts its backends
   import jax
-  from experiments import config_loader
   from experiments import parallel
   from launch import benchmark
   from perceiver import native
@@ -79,12 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not native.available():
     sys.exit(f'perceiver.native unavailable: {native.why_unavailable()}')
   try:
-    if args.config:
-      config = config_loader.load(args.config)
-      name, batch_size = args.config, config.batch_size
-    else:
-      (config, batch_size), name = (benchmark.workload(args.workload),
-                                    args.workload)
+    config, batch_size, name = benchmark.config_or_workload(args.config,
+                                                            args.workload)
   except ValueError as e:  # setup.ConfigError among them
     sys.exit(f'gemm_share: {e}')
   mesh = parallel.make_mesh()

@@ -241,6 +241,17 @@ def workload(spec: str) -> tuple[ml_collections.ConfigDict, int]:
   return WORKLOADS[name](arg or None)
 
 
+def config_or_workload(config_spec: Optional[str], workload_spec: str
+                       ) -> tuple[ml_collections.ConfigDict, int, str]:
+  """(config, batch_size, name) for a benchmark script's --config (a config
+  file, 'configs/NAME.py[:ARG]', at its own batch_size) or, without one, its
+  --workload; ValueError (setup.ConfigError among them) naming a bad one."""
+  if config_spec:
+    config = config_loader.load(config_spec)
+    return config, config.batch_size, config_spec
+  return workload(workload_spec) + (workload_spec,)
+
+
 def define_flags() -> None:
   """Flags of the command line (defined only when run as the program)."""
   config_loader.define_flag()

@@ -170,6 +170,21 @@ def test_w2_preset_is_w1s_model_at_batch_4_over_s_by_s_images():
     benchmark.workload('W3')
 
 
+def test_a_config_file_or_else_the_workload():
+  # The benchmark scripts' --config (at its own batch size) over --workload.
+  config, batch, name = benchmark.config_or_workload(
+      'configs/w1.py:side=32,batch_size=2', 'W1')
+  assert (batch, tuple(config.input_shape), name) == (
+      2, (32, 32, 3), 'configs/w1.py:side=32,batch_size=2')
+  config, batch, name = benchmark.config_or_workload(None, 'W2:side=64')
+  assert (batch, tuple(config.input_shape), name) == (4, (64, 64, 3),
+                                                      'W2:side=64')
+  with pytest.raises(ValueError, match='Unknown --workload'):
+    benchmark.config_or_workload(None, 'W3')
+  with pytest.raises(ValueError):
+    benchmark.config_or_workload('configs/no_such_config.py', 'W1')
+
+
 # With argument 'mallopt' first retains freed memory as the project does, then
 # allocates, touches and frees a 64 MiB block 3 times, counting the minor page
 # faults of the last 2 (every page again when malloc returns freed memory to
