@@ -39,19 +39,24 @@ struct Product {
   bool by_rows;
   int64_t extent, blocks, size;
 
-  int64_t chunks() const { return g * blocks; }
-
-  // Splits each batch element into up to `split` row or column blocks of C
-  // (whichever C has more of); the counts are set for Run.
-  void Split(int64_t split) {
+  // Readies the product for `threads` threads and returns its chunks for
+  // Run: whole batch elements, or, when there are fewer elements than
+  // threads, blocks of C's rows or columns (whichever C has more of). An
+  // empty C has none; an empty contraction writes C's zeros here and has
+  // none either.
+  int64_t Plan(int64_t threads) {
+    if (g == 0 || m == 0 || n == 0) return 0;
+    if (k == 0) {
+      std::memset(pc, 0, sizeof(T) * g * m * n);
+      return 0;
+    }
+    const int64_t split = g >= threads ? 1 : (threads + g - 1) / g;
     by_rows = m >= n;
     extent = by_rows ? m : n;
     blocks = std::max<int64_t>(1, std::min(extent, split));
     size = (extent + blocks - 1) / blocks;
+    return g * blocks;
   }
-
-  // C's elements for a k of 0 (no GEMM is called then).
-  void Zero() const { std::memset(pc, 0, sizeof(T) * g * m * n); }
 
   void Run(int64_t chunk) const {
     const int64_t i = chunk / blocks;
@@ -72,7 +77,7 @@ struct Product {
 };
 
 // Checks the operands of op(A) op(B) and fills `p` (pointers, shapes; not
-// the split).
+// the plan).
 template <ffi::DataType D>
 ffi::Error Describe(const ffi::Buffer<D>& a, const ffi::Buffer<D>& b,
                     ffi::Result<ffi::Buffer<D>>& c, bool ta, bool tb,
@@ -116,15 +121,8 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> a,
       error.failure()) {
     return error;
   }
-  if (p.g == 0 || p.m == 0 || p.n == 0) return ffi::Error::Success();
-  if (p.k == 0) {
-    p.Zero();
-    return ffi::Error::Success();
-  }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // Chunks: whole elements; when g < threads, blocks of C's rows or columns.
-  p.Split(p.g >= threads ? 1 : (threads + p.g - 1) / p.g);
-  ParallelFor(pool, p.chunks(), [&p](int64_t chunk) { p.Run(chunk); });
+  const int64_t chunks = p.Plan(std::max<int64_t>(1, pool.num_threads()));
+  ParallelFor(pool, chunks, [&p](int64_t chunk) { p.Run(chunk); });
   return ffi::Error::Success();
 }
 
@@ -146,18 +144,9 @@ ffi::Error MatmulPair(ffi::ThreadPool pool, ffi::Buffer<D> a1,
       error.failure()) {
     return error;
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t share = std::max<int64_t>(1, threads / 2);
-  int64_t first = 0, total = 0;
-  for (int j = 0; j < 2; ++j) {
-    auto& q = p[j];
-    const bool empty = q.g == 0 || q.m == 0 || q.n == 0 || q.k == 0;
-    if (q.k == 0) q.Zero();
-    q.Split(q.g >= share ? 1 : (share + q.g - 1) / q.g);
-    if (empty) q.g = 0;  // no chunks
-    if (j == 0) first = q.chunks();
-    total += q.chunks();
-  }
+  const int64_t share = std::max<int64_t>(1, pool.num_threads() / 2);
+  const int64_t first = p[0].Plan(share);
+  const int64_t total = first + p[1].Plan(share);
   ParallelFor(pool, total, [&p, first](int64_t chunk) {
     if (chunk < first) {
       p[0].Run(chunk);
